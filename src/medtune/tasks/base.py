@@ -1,0 +1,91 @@
+"""The interface every clinical task pack implements (one module per task in `medtune.tasks`).
+
+A task turns an input record into chat messages, knows the right answer (a rule-based labeller),
+generates seeded synthetic SFT pairs and DPO triplets, and scores predictions. Canonical record
+shapes (shared with `medtune.data`):
+
+- SFT example:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+                       "label": str (optional), "input": dict (optional, the task record)}
+- Preference example: {"prompt": [messages...], "chosen": [assistant message],
+                       "rejected": [assistant message], "label": str (optional)}
+- Test example:       {"input": dict, "label": str, "reference": str, "messages": [system, user]}
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+
+class Task(ABC):
+    """A clinical task pack. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    system_prompt: ClassVar[str]
+    labels: ClassVar[list[str]]  # the label set used for stratification and per-class metrics
+    # Production request settings (MISSION.md): temperature, max_tokens for the main call.
+    temperature: ClassVar[float] = 0.0
+    max_tokens: ClassVar[int] = 256
+
+    @abstractmethod
+    def validate_input(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Check and normalise an input record; raise DataError naming the bad field."""
+
+    @abstractmethod
+    def render_prompt(self, record: dict[str, Any]) -> str:
+        """The user message for an input record."""
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """JSON schema of the answer when it is structured, else None."""
+        return None
+
+    def response_format(self) -> dict[str, Any] | None:
+        """The OpenAI `response_format` production sends, or None for free text."""
+        schema = self.output_schema()
+        if schema is None:
+            return None
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": schema, "strict": True}}
+
+    def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
+        """System + user messages for a record (the request production sends)."""
+        return [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": self.render_prompt(record)},
+        ]
+
+    @abstractmethod
+    def label(self, record: dict[str, Any]) -> str:
+        """The reference label (the rules)."""
+
+    @abstractmethod
+    def reference_answer(self, record: dict[str, Any]) -> str:
+        """The reference assistant answer text (JSON text for structured tasks)."""
+
+    @abstractmethod
+    def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """n seeded synthetic input records, balanced over labels."""
+
+    @abstractmethod
+    def generate_sft(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """n SFT examples (canonical messages form, with `label` and `input`)."""
+
+    @abstractmethod
+    def generate_dpo(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """n preference examples (prompt / chosen / rejected)."""
+
+    def generate_test(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """n held-out test cases: input, label, reference answer and the request messages."""
+        return [
+            {
+                "input": r,
+                "label": self.label(r),
+                "reference": self.reference_answer(r),
+                "messages": self.messages(r),
+            }
+            for r in self.generate_inputs(n, seed)
+        ]
+
+    @abstractmethod
+    def score(self, examples: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
+        """Metrics for predictions (raw model output text) against test examples."""
