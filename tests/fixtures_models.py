@@ -1,0 +1,1 @@
+"""Tiny-model fixtures (owned by the training area): built in-process, nothing downloaded."""
