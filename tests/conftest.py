@@ -10,5 +10,5 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures_models import *  # noqa: E402,F403
-from fixtures_server import *  # noqa: E402,F403
+from fixtures_models import *  # noqa: F403
+from fixtures_server import *  # noqa: F403
