@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch is installed first and pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,gguf,ui,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
