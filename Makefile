@@ -11,7 +11,6 @@ RUN ?= runs/aria
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 # torch is installed first and pinned to the CPU build (an unpinned torch would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml | $(BIN)/python
