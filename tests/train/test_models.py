@@ -1,0 +1,122 @@
+"""The embedded model and model loading: tokenizer round trip, chat tokens, sizes, fast failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sentencepiece as spm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medtune.config import EmbeddedModelConfig, ModelConfig, StageConfig
+from medtune.errors import ConfigError, DataError, HardwareError, ModelError
+from medtune.train import models
+from medtune.train.models import build_embedded_model, load_for_training, load_tokenizer
+
+TEXTS = [
+    "Patiente de 34 ans, céphalées brutales, fièvre à 39,5 °C ; pas de déficit focal. « Où ? »",
+    json.dumps(
+        {
+            "pathologie": "Fasciite plantaire",
+            "confiance": "élevée",
+            "justification": "pronation_pied = 7.2 > 6",
+        },
+        ensure_ascii=False,
+    ),
+    "  deux espaces,\ttab et\nnouvelle ligne — œdème, ß, 日本",
+]
+
+
+def test_tokenizer_round_trips_french_and_json(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        # No unknown token: byte fallback covers characters never seen in training.
+        assert tokenizer.unk_token_id not in ids
+
+
+def test_chat_tokens_are_single_tokens_and_eos_ends_the_turn(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        assert len(tokenizer.encode(marker)) == 1
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+    messages = [
+        {"role": "system", "content": "Tu es ARIA."},
+        {"role": "user", "content": "Diagnostic ?"},
+        {"role": "assistant", "content": '{"pathologie": "Périostite tibiale"}'},
+    ]
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    # The assistant answer and its end-of-turn token carry loss, nothing of the prompt does.
+    assert tokenizer.decode(trained) == '{"pathologie": "Périostite tibiale"}<|im_end|>'
+
+
+def test_sentencepiece_file_matches_the_hf_tokenizer(tiny_model_dir):
+    """llama.cpp's GGUF converter reads tokenizer.model: it must tokenise text as transformers does."""
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert sp.get_piece_size() == len(tokenizer)
+    for text in TEXTS:
+        assert sp.encode(text) == tokenizer.encode(text)
+
+
+def test_embedded_sizes_and_determinism(tiny_model_factory, tmp_path):
+    small = models.embedded_dimensions(EmbeddedModelConfig(size="small"))
+    assert small == {
+        "hidden_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+    }
+    a = tiny_model_factory("a", seed=3)
+    b = tiny_model_factory("b", seed=3)
+    assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_small_model_is_about_two_million_parameters(tmp_path):
+    from fixtures_models import tiny_corpus
+
+    path = build_embedded_model(tiny_corpus(), EmbeddedModelConfig(size="small"), tmp_path / "small")
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    assert 1.5e6 < n < 2.5e6
+
+
+def test_bad_embedded_configs_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="empty"):
+        build_embedded_model([], EmbeddedModelConfig(size="tiny"), tmp_path / "m")
+    with pytest.raises(ConfigError, match="vocab_size=64"):
+        build_embedded_model(TEXTS, EmbeddedModelConfig(size="tiny", vocab_size=64), tmp_path / "m")
+    with pytest.raises(ConfigError, match="multiple"):
+        build_embedded_model(
+            TEXTS, EmbeddedModelConfig(size="tiny", hidden_size=30, num_heads=4), tmp_path / "m"
+        )
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_qlora_without_cuda_fails_before_loading(monkeypatch):
+    monkeypatch.setattr(models, "cuda_available", lambda: False)
+    stage = StageConfig(method="qlora")
+    # The model path does not even exist: the hardware check must come first, before any work.
+    with pytest.raises(HardwareError, match=r"qlora.*CUDA"):
+        load_for_training("/nonexistent/model", stage, ModelConfig())
+    with pytest.raises(HardwareError, match="paged_adamw_8bit"):
+        load_for_training("/nonexistent/model", StageConfig(optimizer="paged_adamw_8bit"), ModelConfig())
+
+
+def test_missing_model_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_lora_wraps_only_adapters_as_trainable(tiny_model_dir):
+    model, tokenizer = load_for_training(tiny_model_dir, StageConfig(method="lora"), ModelConfig())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert tokenizer.chat_template
