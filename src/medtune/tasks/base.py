@@ -13,6 +13,7 @@ shapes (shared with `medtune.data`):
 
 from __future__ import annotations
 
+import unicodedata
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -89,3 +90,29 @@ class Task(ABC):
     @abstractmethod
     def score(self, examples: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
         """Metrics for predictions (raw model output text) against test examples."""
+
+
+# Small helpers shared by the task packs.
+
+
+def fold_text(text: str) -> str:
+    """Lower-case, strip accents, unify apostrophes/hyphens and collapse whitespace.
+
+    Used for tolerant matching (negation cues, normalised label comparison), never for exact scores.
+    """
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u2011", "-").replace("\u2010", "-")
+    return " ".join(text.casefold().split())
+
+
+def label_quotas(n: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split n examples over labels in proportion to `weights` (largest remainder, sums exactly to n)."""
+    total = sum(weights.values())
+    raw = {k: n * w / total for k, w in weights.items()}
+    quotas = {k: int(v) for k, v in raw.items()}
+    # Remainders go to the largest fractional parts; ties broken by the order of `weights`.
+    order = sorted(weights, key=lambda k: -(raw[k] - quotas[k]))
+    for k in order[: n - sum(quotas.values())]:
+        quotas[k] += 1
+    return quotas
