@@ -39,3 +39,62 @@ demo: $(STAMP)
 
 clean:
 	rm -rf runs site build .pytest_cache .ruff_cache
+
+# --- docs, containers, GPU check, browser for the UI test ------------------------------------------
+# Containers are not exercised by the tests (no Docker engine on the CI machine); GPU=1 switches to
+# docker/Dockerfile.gpu (vLLM) and `--gpus all`. Models are mounted read-only from runs/ at /models.
+DOCKER_IMAGE ?= medtune
+DOCKER_NAME ?= medtune-serve
+DOCKER_PORT ?= 8001
+GPU ?=
+DOCKER_TAG := $(DOCKER_IMAGE):$(if $(GPU),gpu,cpu)
+# .env settings go in; host, port and model are container-side values and always set here.
+DOCKER_RUN = docker run -d --name $(DOCKER_NAME) -p $(DOCKER_PORT):8001 -v "$(CURDIR)/runs:/models:ro" \
+	$(if $(wildcard .env),--env-file .env,) -e MEDTUNE_HOST=0.0.0.0 -e MEDTUNE_PORT=8001 \
+	$(if $(GPU),--gpus all,) $(DOCKER_TAG)
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: doc doc-serve docker-build docker-lint docker-serve docker-serve-ft docker-stop docker-logs check-gpu browser test-browser
+
+doc: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+doc-serve: $(STAMP)
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8080
+
+docker-lint: $(STAMP)
+	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
+
+docker-build:
+	docker build -f docker/Dockerfile.$(if $(GPU),gpu,cpu) -t $(DOCKER_TAG) .
+
+# The SFT model (runs/aria/sft), served as aria-sft.
+docker-serve: docker-build
+	$(DOCKER_RUN) --model /models/aria/sft --served-name aria-sft
+	@echo "serving on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
+
+# The fine-tuned (DPO) model (runs/aria/dpo), served as aria-ft.
+docker-serve-ft: docker-build
+	$(DOCKER_RUN) --model /models/aria/dpo --served-name aria-ft
+	@echo "serving on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
+
+docker-stop:
+	docker rm -f $(DOCKER_NAME)
+
+docker-logs:
+	docker logs -f $(DOCKER_NAME)
+
+# Fails (exit 1) when no CUDA GPU is usable: QLoRA training and the vLLM engine need one.
+check-gpu: $(STAMP)
+	@command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version --format=csv \
+		|| echo "check-gpu: nvidia-smi not found (no NVIDIA driver on this machine)"
+	@$(BIN)/python -c "import sys, torch; ok = torch.cuda.is_available(); \
+		print(f'torch {torch.__version__}: CUDA', 'available, ' + ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if ok else 'not available: CPU only (the embedded model, GGUF and LoRA run; QLoRA and vLLM need a GPU)'); \
+		sys.exit(0 if ok else 1)"
+
+# Debian's chromium for the browser test (never a browser download of Playwright's own).
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test-browser: $(STAMP) browser
+	$(BIN)/pytest -q tests/ui/test_web.py
