@@ -28,7 +28,7 @@ def length_summary(lengths: list[int]) -> dict[str, float]:
     arr = np.asarray(lengths)
     summary: dict[str, float] = {"min": int(arr.min()), "mean": round(float(arr.mean()), 1)}
     for q in PERCENTILES:
-        summary[f"p{q}"] = int(np.percentile(arr, q, method="nearest"))
+        summary[f"p{q}"] = int(np.percentile(arr, q, method="inverted_cdf"))
     summary["max"] = int(arr.max())
     return summary
 
