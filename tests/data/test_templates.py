@@ -107,3 +107,12 @@ def test_a_conversation_the_template_refuses_is_a_data_error(chat_tokenizer):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(DataError, match=r"roles \['user', 'user'\]"):
         render_chat(bad, tok)
+
+
+def test_end_of_turn_of_a_template_that_closes_turns_only_before_the_next_message(chat_tokenizer):
+    tok = chat_tokenizer("chatml")
+    tok.chat_template = (
+        "{% for m in messages %}{% if not loop.first %}<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}"
+    )
+    assert end_of_turn_tokens(tok) == ["<|im_end|>", "</s>"]

@@ -59,11 +59,12 @@ _OWN_KEYS = {
     "medicalgpt_preference": {"system", "question", "response_chosen", "response_rejected", "history"},
     "text": {"text"},
 }
+# Keys of each canonical kind that writers translate (everything else passes through).
 _CANONICAL_KEYS = {
     "conversation": {"messages", "alpaca_input"},
     "preference": {"prompt", "chosen", "rejected"},
+    "text": {"text"},
 }
-_CANONICAL_KEYS["text"] = {"text"}
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",

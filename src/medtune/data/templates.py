@@ -228,14 +228,26 @@ _SENTINEL = "\u2063medtune-answer\u2063"
 def end_of_turn_tokens(tokenizer: Any) -> list[str]:
     """The strings that end an assistant turn under the tokenizer's template (stop strings for
     serving, Ollama and llama.cpp), read off a rendered probe; the EOS token is always included."""
-    text = render_chat(
-        [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}], tokenizer
-    )
-    after = text.split(_SENTINEL, 1)[1]
+    user, answer = {"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}
+    after = render_chat([user, answer], tokenizer).split(_SENTINEL, 1)[1]
+    stops = _leading_tokens(after, tokenizer)
+    if not stops:
+        # Some templates close an assistant turn only when another message follows: look there.
+        after = render_chat([user, answer, user], tokenizer).split(_SENTINEL, 1)[1]
+        stops = _leading_tokens(after, tokenizer)[:1]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos not in stops:
+        stops.append(eos)
+    return list(dict.fromkeys(stops))
+
+
+def _leading_tokens(after: str, tokenizer: Any) -> list[str]:
+    """The special tokens that open `after` (whitespace skipped); if the first is not a token of
+    this tokenizer (a named template on a foreign vocabulary), its text up to whitespace."""
     known = sorted(
         {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()} - {None, ""}, key=len, reverse=True
     )
-    stops: list[str] = []
+    found: list[str] = []
     pos = 0
     while pos < len(after):
         if after[pos].isspace():
@@ -243,12 +255,9 @@ def end_of_turn_tokens(tokenizer: Any) -> list[str]:
             continue
         match = next((t for t in known if after.startswith(t, pos)), None)
         if match is None:
-            if not stops:  # the template's terminator is not a token of this tokenizer: stop on its text
-                stops.append(after[pos:].split()[0])
+            if not found:
+                found.append(after[pos:].split()[0])
             break
-        stops.append(match)
+        found.append(match)
         pos += len(match)
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos and eos not in stops:
-        stops.append(eos)
-    return list(dict.fromkeys(stops))
+    return found
