@@ -13,7 +13,10 @@ from medtune.tasks.headache_rules import CLARIFY_ANSWER, NON_URGENT_ANSWER, QUES
 
 TASK = get_task("headache")
 # All three key facts known, no red flag: the base every red-flag case below adds one finding to.
-CALM = "patiente 34 ans, céphalées pulsatiles depuis 3 jours, pas de fièvre, examen neurologique normal, sans antécédent"
+CALM = (
+    "patiente 34 ans, céphalées pulsatiles depuis 3 jours, pas de fièvre, examen neurologique normal, "
+    "sans antécédent"
+)
 
 
 def label(text: str) -> str:
@@ -36,7 +39,7 @@ def label(text: str) -> str:
     ],
 )
 def test_negated_fever_is_not_a_red_flag(negated):
-    text = f"patiente 34 ans, céphalées pulsatiles depuis 3 jours, {negated}, examen neurologique normal, sans antécédent"
+    text = CALM.replace("pas de fièvre", negated)
     a = analyse(text)
     assert "fièvre" in a.absent
     assert a.label == "no_red_flag"
@@ -248,7 +251,7 @@ def test_score_on_hand_made_predictions():
     assert m["n"] == 6
     assert m["format_compliance"] == pytest.approx(4 / 6)
     assert m["question_accuracy"] == pytest.approx(1 / 2)
-    assert m["red_flag_detection"] == pytest.approx(1 / 2)
+    assert m["red_flag_sensitivity"] == m["red_flag_detection"] == pytest.approx(1 / 2)
     assert m["false_positive_rate"] == pytest.approx(1 / 4)
     assert m["decision_accuracy"] == pytest.approx(4 / 6)
     assert m["per_label"]["clarify"] == {"n": 2, "decision_accuracy": 1.0}

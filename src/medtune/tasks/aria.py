@@ -100,7 +100,8 @@ class AriaTask(Task):
         d = diagnosis or diagnose(validate_input(record)).answer()
         user = (
             self.render_prompt(record)
-            + f"\nDiagnostic: {d.get('pathologie', '?')} (confiance {d.get('confiance', '?')}).\nRédige le rapport."
+            + f"\nDiagnostic: {d.get('pathologie', '?')} (confiance {d.get('confiance', '?')})."
+            + "\nRédige le rapport."
         )
         return [{"role": "system", "content": self.report_system_prompt}, {"role": "user", "content": user}]
 

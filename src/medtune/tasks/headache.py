@@ -73,7 +73,10 @@ class HeadacheTask(Task):
     def render_prompt(self, record: dict[str, Any]) -> str:
         case = self.validate_input(record)["case"]
         # The seed's instruction format (seed 003), kept so prompts match its deployed assistant.
-        return f"CAS CLINIQUE:\n{case}\n\nRÉPONDS en français, commence par 'Pour préciser:' ou 'Recommandation:'"
+        return (
+            f"CAS CLINIQUE:\n{case}\n\n"
+            "RÉPONDS en français, commence par 'Pour préciser:' ou 'Recommandation:'"
+        )
 
     def label(self, record: dict[str, Any]) -> str:
         return analyse(self.validate_input(record)["case"]).label
@@ -118,7 +121,8 @@ class HeadacheTask(Task):
           answer asks exactly three questions (three "?").
         - question_accuracy (clarify cases): `Pour préciser:` with exactly the three standard questions,
           in order (each holds its key words: depuis quand/caractère, fièvre/déficit, grossesse/traumatisme).
-        - red_flag_detection: share of red_flag and ambiguous cases (reference = urgent MRI) answered
+        - red_flag_sensitivity (also under MISSION.md's name red_flag_detection): share of red_flag and
+          ambiguous cases (reference = urgent MRI) answered
           with an urgent recommendation (a non-negated "urgence/urgent(e)" after `Recommandation:`).
         - false_positive_rate: share of no_red_flag and clarify cases (no red flag) answered urgent.
         - decision_accuracy: the answer's decision (clarify / urgent / non_urgent / invalid) equals the
@@ -161,7 +165,8 @@ class HeadacheTask(Task):
             "n": n,
             "format_compliance": tally["format"] / n,
             "question_accuracy": rate(tally["questions"], tally["clarify"]),
-            "red_flag_detection": rate(tally["detected"], tally["flagged"]),
+            "red_flag_sensitivity": rate(tally["detected"], tally["flagged"]),
+            "red_flag_detection": rate(tally["detected"], tally["flagged"]),  # MISSION.md's name, same number
             "false_positive_rate": rate(tally["false_pos"], tally["unflagged"]),
             "decision_accuracy": sum(v["correct"] for v in per.values()) / n,
             "per_label": {

@@ -24,6 +24,7 @@ from medtune.tasks.headache_rules import (
     NON_URGENT_ANSWER,
     QUESTIONS,
     RED_FLAG,
+    SOURCE,
     analyse,
     reference,
 )
@@ -284,4 +285,6 @@ def corrupt_answer(text: str, kind: str, rng: random.Random) -> str:
 
 def _urgent_for_negated(a: Any) -> str:
     sign = sorted(a.absent)[0] if a.absent else "fièvre"
-    return f"Recommandation: IRM cérébrale en urgence (signes d'alerte: {sign}) — suspicion de lésion. Source: HAS/SFETD 2017."
+    return (
+        f"Recommandation: IRM cérébrale en urgence (signes d'alerte: {sign}) — suspicion de lésion. {SOURCE}"
+    )
