@@ -87,3 +87,9 @@ def test_bad_data_gets_no_card(tmp_path):
 )
 def test_size_category(n, bucket):
     assert size_category(n) == bucket
+
+
+def test_splits_are_listed_train_validation_test(tmp_path):
+    for split in ("test", "validation", "train"):
+        write_rows(tmp_path / f"{split}.jsonl", rows(2, "SFP"))
+    assert list(collect_splits([tmp_path])) == ["train", "validation", "test"]

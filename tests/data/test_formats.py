@@ -190,3 +190,17 @@ def test_sharegpt_survives_csv_parquet_and_json(tmp_path, suffix):
     records = load_records(write_rows(tmp_path / "s.jsonl", rows))
     path = write_records(tmp_path / f"s{suffix}", records, "sharegpt")
     assert load_records(path) == records
+
+
+def test_a_task_input_dict_does_not_overwrite_alpaca_input_and_is_reported_once(caplog):
+    record = {
+        "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        "input": {"x": 1},
+        "label": "l",
+    }
+    with caplog.at_level("WARNING"):
+        rows = convert_records([record, record], "alpaca")
+    assert rows[0] == {"instruction": "Q", "input": "", "output": "A", "label": "l"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 record(s): field 'input' is also a field of the alpaca format; the extra value is not written"
+    ]

@@ -61,7 +61,9 @@ def collect_splits(paths: list[str | Path], format: str = "auto") -> dict[str, V
         raise DataError(
             f"two files map to the same split name: {dict(zip(map(str, files), names, strict=True))}"
         )
-    return {name: read_file(f, format) for name, f in zip(names, files, strict=True)}
+    order = {"train": 0, "validation": 1, "test": 2}
+    pairs = sorted(zip(names, files, strict=True), key=lambda nf: (order.get(nf[0], 3), nf[0]))
+    return {name: read_file(f, format) for name, f in pairs}
 
 
 def _fields(report: ValidationReport) -> list[tuple[str, str]]:

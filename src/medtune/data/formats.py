@@ -329,6 +329,7 @@ def convert_records(records: list[dict[str, Any]], to_format: str) -> list[dict[
     """Canonical records -> records of `to_format`; DataError names the first record that cannot go."""
     check_format(to_format)
     out = []
+    clashes: dict[str, int] = {}  # extra keys that a field of the target format overrides
     for i, record in enumerate(records, start=1):
         kind = record_kind(record)
         if kind != KINDS[to_format]:
@@ -338,12 +339,16 @@ def convert_records(records: list[dict[str, Any]], to_format: str) -> list[dict[
         except RecordError as exc:
             raise DataError(f"record {i} cannot be written as {to_format}: {exc}") from None
         passthrough = {k: v for k, v in record.items() if k not in _CANONICAL_KEYS[kind]}
-        clashes = sorted(passthrough.keys() & converted.keys())
-        if clashes:
-            log.warning(
-                "record %d: field(s) %s clash with %s fields and are not written", i, clashes, to_format
-            )
+        for key in passthrough.keys() & converted.keys():
+            clashes[key] = clashes.get(key, 0) + 1
         out.append(converted | {k: v for k, v in passthrough.items() if k not in converted})
+    for key, n in clashes.items():
+        log.warning(
+            "%d record(s): field %r is also a field of the %s format; the extra value is not written",
+            n,
+            key,
+            to_format,
+        )
     return out
 
 
