@@ -17,13 +17,6 @@ pytestmark = pytest.mark.gguf
 MAX_NEW = 16
 
 
-@pytest.fixture(scope="module")
-def ggufs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("gguf")
-    files = export_ggufs(tiny_model_dir, out, ["f16", "q8_0"], name="tiny")
-    return {f.quant: f.path for f in files}
-
-
 def _hf_greedy(model_dir: Path, prompts: list[str]) -> list[list[int]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
