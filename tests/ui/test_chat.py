@@ -115,7 +115,7 @@ def test_chat_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2
-    assert "no such model" in child.before
+    assert "does not exist" in child.before
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from medtune.errors import MedtuneError, ModelError
@@ -170,11 +169,10 @@ class LocalBackend(Backend):
     """A model loaded in this process through the serving engine (transformers or llama.cpp)."""
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, engine: str | None = None) -> None:
+        from medtune.serve.cli import resolve_model
         from medtune.serve.engines import EngineOptions, create_engine
 
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise ModelError(f"--model {model}: no such model folder or file")
+        path = resolve_model(model)  # a run folder -> its newest merged stage, as `medtune serve` does
         name = engine or ("llamacpp" if path.suffix == ".gguf" else "transformers")
         self.engine = create_engine(name, str(path), adapters=adapters or {}, options=EngineOptions())
         self.default_model = "base"
