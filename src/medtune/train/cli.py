@@ -1,0 +1,172 @@
+"""`medtune run`, `medtune train` and `medtune merge`: the training commands.
+
+    medtune run recipes/aria.yaml [KEY=VALUE ...] [--from STEP] [--resume]     # the whole pipeline
+    medtune train recipes/aria.yaml --stage sft [KEY=VALUE ...] [--resume]     # one stage
+    medtune merge --adapter runs/x/sft --out runs/x/merged [--base MODEL]      # LoRA -> standalone model
+
+On several GPUs the same commands run under accelerate (configs in recipes/accelerate/):
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m medtune.cli train recipes/x.yaml --stage sft
+
+The handlers parse arguments, call `medtune.train.pipeline` / `medtune.train.merge`, and print the
+run's metrics tables (training, then base-vs-stage evaluation) from its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from medtune.config import load_recipe
+
+STAGES = ("pt", "sft", "dpo")
+# Headline numbers shown as percentages: rates in [0, 1] reported by the task scorers.
+_NOT_RATES = {"n"}
+# Metrics where a smaller value is better (targets are maxima for these, minima otherwise).
+_LOWER_IS_BETTER = ("false_positive", "error", "truncated", "latency", "_s")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(metric.endswith(s) if s == "_s" else s in metric for s in _LOWER_IS_BETTER)
+
+
+def _fmt(metric: str, value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    if metric not in _NOT_RATES and 0.0 <= value <= 1.0 and isinstance(value, float):
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def training_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title=f"{manifest['name']}: training", title_justify="left")
+    for column in ("stage", "method", "steps", "train loss", "eval loss", "time", "this run"):
+        table.add_column(column, justify="left" if column in ("stage", "method", "this run") else "right")
+    for name in STAGES:
+        step = manifest["steps"].get(name)
+        if not step or step.get("status") != "complete":
+            continue
+        m = step.get("metrics", {})
+        table.add_row(
+            name,
+            step.get("method", "-") + (" (merged)" if step.get("merged") else ""),
+            f"{m.get('global_step', 0):.0f}",
+            f"{m['train_loss']:.4f}" if "train_loss" in m else "-",
+            f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-",
+            f"{step.get('seconds', 0):.0f}s",
+            "reused" if step.get("reused") else "trained",
+        )
+    return table
+
+
+def eval_table(manifest: dict[str, Any]) -> Table | None:
+    step = manifest["steps"].get("eval")
+    if not step or not step.get("models"):
+        return None
+    models = step["models"]
+    targets = manifest.get("recipe", {}).get("eval", {}).get("targets", {})
+    title = f"{manifest['name']}: {step.get('task')} on {step.get('test_cases')} held-out cases"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+    table.add_column("target", justify="right")
+    metrics = [k for k in next(iter(models.values()))["metrics"] if k not in _NOT_RATES]
+    final = list(models)[-1]
+    for metric in metrics:
+        cells = [_fmt(metric, models[name]["metrics"].get(metric)) for name in models]
+        target = ""
+        if metric in targets:
+            value = models[final]["metrics"].get(metric)
+            low = lower_is_better(metric)
+            ok = value is not None and (value <= targets[metric] if low else value >= targets[metric])
+            verdict = "[green]pass[/]" if ok else "[red]FAIL[/]"
+            target = f"{'<=' if low else '>='} {_fmt(metric, float(targets[metric]))} {verdict}"
+        table.add_row(metric, *cells, target)
+    return table
+
+
+def print_summary(
+    manifest: dict[str, Any], console: Console | None = None, *, with_eval: bool = True
+) -> None:
+    """The training table, then (after a full run) the evaluation table with the recipe's targets."""
+    console = console or Console()
+    console.print(training_table(manifest))
+    table = eval_table(manifest) if with_eval else None
+    if table is not None:
+        console.print(table)
+    wall = manifest.get("wall_seconds")
+    console.print(
+        f"run folder: {manifest.get('run_dir', '')}  status: {manifest['status']}"
+        + (f"  wall time: {wall:.0f}s" if wall is not None else "")
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from medtune.train.pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_pipeline(
+        recipe,
+        recipe_dir=Path(args.recipe).parent,
+        from_step=getattr(args, "from_step", None),
+        stage=getattr(args, "stage", None),
+        resume=args.resume,
+    )
+    if result.manifest.read_only:  # a non-main process of `accelerate launch`: the main one reports
+        return 0
+    # After `train --stage`, the manifest's evaluation (if any) predates this stage: not shown.
+    print_summary({**result.manifest.data, "run_dir": str(result.run_dir)}, with_eval=args.command == "run")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from medtune.train.merge import merge_adapter
+
+    out = merge_adapter(Path(args.adapter), Path(args.out), base_model=args.base)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+        p.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.sft.lora.r=16"
+        )
+        p.add_argument(
+            "--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint"
+        )
+
+    p = sub.add_parser(
+        "run",
+        help="run a recipe end to end: data, model, stages, eval (skips steps already done)",
+        description="Steps: data, model, then train.stages (pt, sft, dpo), then eval. A step already "
+        "complete with the same inputs is skipped.",
+    )
+    recipe_args(p)
+    p.add_argument(
+        "--from",
+        dest="from_step",
+        metavar="STEP",
+        help="rerun from this step on (data, model, pt, sft, dpo, eval)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "train", help="train one stage of a recipe (its data and base model are prepared first)"
+    )
+    recipe_args(p)
+    p.add_argument("--stage", required=True, choices=STAGES, help="the stage to train")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone safetensors model")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
+    p.add_argument(
+        "--base", help="base model (hub id or folder); default: the one named in the adapter config"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_merge)
