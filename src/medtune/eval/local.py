@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import DataError, ModelError
+from medtune.eval.metrics import score_predictions
 from medtune.serve.engines import EngineOptions, create_engine
 from medtune.serve.engines.base import Constraint, GenerationRequest, SamplingParams
+from medtune.serve.errors import ServeError
 from medtune.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,15 @@ def evaluate_model(
     constrained: bool = True,
     batch_size: int = 16,
     engine: str = "transformers",
-    on_batch: Callable[[int, list[str]], None] | None = None,
+    on_batch: Callable[[int, list[str], list[str]], None] | None = None,
 ) -> EvalResult:
     """Generate an answer for every example with the model at `model_path` and score them.
 
+    Metrics are the task's, plus `ci` (bootstrap 95% intervals on the headline metrics) and
+    `truncated` (share of answers cut by max_tokens).
     `constrained=False` drops the task's `response_format` (to measure what the model does unaided).
     `engine` names the serving engine that generates (`llamacpp` evaluates a GGUF file).
-    `on_batch(start_index, predictions)` is called after each batch (progress, streaming to disk).
+    `on_batch(start_index, predictions, finish_reasons)` is called after each batch (progress, streaming to disk).
     """
     if not examples:
         raise DataError("evaluate_model: no examples to evaluate")
@@ -84,7 +88,7 @@ def evaluate_model(
         engine=engine,
         on_batch=on_batch,
     )
-    metrics = task.score(examples, predictions)
+    metrics = score_predictions(task, examples, predictions)
     cut = sum(1 for f in finish if f == "length")
     metrics["truncated"] = cut / len(finish) if finish else 0.0
     return EvalResult(predictions=predictions, metrics=metrics, finish_reasons=finish)
@@ -111,16 +115,19 @@ def generate_answers(
     max_tokens: int,
     batch_size: int = 16,
     engine: str = "transformers",
-    on_batch: Callable[[int, list[str]], None] | None = None,
+    on_batch: Callable[[int, list[str], list[str]], None] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Greedy answers (and finish reasons) for chat requests, `batch_size` at a time, through the
+    """Greedy answers (and finish reasons) for chat requests, decoded `batch_size` at a time, through the
     serving engine called `engine` (transformers for HF folders, llamacpp for GGUF files)."""
     model_path = Path(model_path)
     if not model_path.exists():
         raise ModelError(f"{model_path}: model not found")
     constraint = response_constraint(response_format)
+    chunk = 4 * batch_size
     try:
-        runner = create_engine(engine, str(model_path), options=EngineOptions(max_batch_size=batch_size))
+        # Requests go in chunks of a few batches: the engine keeps its batch full across them.
+        options = EngineOptions(max_batch_size=batch_size, max_queue=chunk)
+        runner = create_engine(engine, str(model_path), options=options)
     except ModuleNotFoundError as exc:
         if exc.name != "medtune.serve.engines.transformers":
             raise
@@ -128,9 +135,17 @@ def generate_answers(
     predictions: list[str] = []
     finish: list[str] = []
     if runner is None:
-        generate = _hf_generator(model_path, constraint)
+        generate = _hf_generator(model_path, constraint, batch_size)
     else:
         runner.start()
+
+        for i, messages in enumerate(requests):
+            # Find a request that cannot fit before generating anything, and say which one it is.
+            try:
+                runner.check_lengths(runner.count_tokens(runner.render(messages)), max_tokens)
+            except ServeError as exc:
+                runner.close()
+                raise DataError(f"example {i + 1}: {exc}") from None
 
         def generate(batch: list[list[dict[str, str]]], max_new: int) -> tuple[list[str], list[str]]:
             reqs = [
@@ -145,12 +160,12 @@ def generate_answers(
             return [r.text for r in results], [r.finish_reason for r in results]
 
     try:
-        for start in range(0, len(requests), batch_size):
-            texts, reasons = generate(requests[start : start + batch_size], max_tokens)
+        for start in range(0, len(requests), chunk):
+            texts, reasons = generate(requests[start : start + chunk], max_tokens)
             predictions.extend(texts)
             finish.extend(reasons)
             if on_batch is not None:
-                on_batch(start, texts)
+                on_batch(start, texts, reasons)
     finally:
         if runner is not None:
             runner.close()
@@ -162,7 +177,7 @@ def generate_answers(
 # engine's `generate_batch` lands (then this section is deleted so there is one generation path).
 
 
-def _hf_generator(model_path: Path, constraint: Constraint | None):
+def _hf_generator(model_path: Path, constraint: Constraint | None, batch_size: int):
     import torch
     import xgrammar as xgr
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +200,15 @@ def _hf_generator(model_path: Path, constraint: Constraint | None):
         else:
             compiled = compiler.compile_builtin_json_grammar()
 
-    def generate(batch: list[list[dict[str, str]]], max_tokens: int) -> tuple[list[str], list[str]]:
+    def generate(chunk: list[list[dict[str, str]]], max_tokens: int) -> tuple[list[str], list[str]]:
+        texts, reasons = [], []
+        for i in range(0, len(chunk), batch_size):
+            t, r = generate_one(chunk[i : i + batch_size], max_tokens)
+            texts += t
+            reasons += r
+        return texts, reasons
+
+    def generate_one(batch: list[list[dict[str, str]]], max_tokens: int) -> tuple[list[str], list[str]]:
         prompts = [
             tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in batch
         ]

@@ -1,0 +1,101 @@
+"""`medtune eval` on a model folder: answers streamed to disk, scored, reported; a killed run resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from medtune.errors import ConfigError, DataError
+from medtune.eval.runner import PREDICTIONS, api_base, read_examples, run_eval
+from medtune.tasks import get_task
+
+
+def _keys(out):
+    return [json.loads(line)["key"] for line in (out / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
+
+
+def _aria(max_tokens=48):
+    task = get_task("aria")
+    task.max_tokens = max_tokens  # an untrained model rambles: keep its answers short
+    return task
+
+
+def test_local_eval_writes_answers_metrics_and_report(tiny_model_dir, tmp_path):
+    task = _aria(32)
+    examples = task.generate_test(4, seed=4)
+    result = run_eval(task, examples, tmp_path, model_path=tiny_model_dir, batch_size=2, show_progress=False)
+    assert result["answered"] == 4 and result["errors"] == 0
+    answers = [json.loads(line) for line in (tmp_path / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
+    assert len(answers) == 4
+    # Constrained decoding: every finished answer is schema-valid JSON naming a known pathology.
+    for a in answers:
+        if a["finish_reason"] == "stop":
+            assert json.loads(a["prediction"])["pathologie"] in task.labels
+    saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert saved["metrics"]["pathology_exact_match"] == result["metrics"]["pathology_exact_match"]
+    # A second run finds everything done and sends nothing: same answers, same file.
+    before = (tmp_path / PREDICTIONS).read_text(encoding="utf-8")
+    again = run_eval(task, examples, tmp_path, model_path=tiny_model_dir, show_progress=False)
+    assert (tmp_path / PREDICTIONS).read_text(encoding="utf-8") == before
+    assert again["metrics"]["pathology_exact_match"] == result["metrics"]["pathology_exact_match"]
+
+
+def test_answers_of_another_model_are_not_mixed_in(tiny_model_dir, tmp_path):
+    task = _aria(8)
+    examples = task.generate_test(2, seed=4)
+    run_eval(task, examples, tmp_path, model_path=tiny_model_dir, show_progress=False)
+    with pytest.raises(ConfigError, match="another evaluation"):
+        run_eval(task, examples, tmp_path, endpoint="http://127.0.0.1:9", model="x", show_progress=False)
+
+
+def test_endpoint_or_model_path_exactly_one(tmp_path):
+    task = get_task("aria")
+    with pytest.raises(ConfigError, match="either"):
+        run_eval(task, [], tmp_path)
+    with pytest.raises(ConfigError, match="needs --model"):
+        run_eval(task, [], tmp_path, endpoint="http://127.0.0.1:8001")
+
+
+def test_api_base_accepts_root_or_v1():
+    assert api_base("http://h:8001") == "http://h:8001/v1"
+    assert api_base("http://h:11434/v1/") == "http://h:11434/v1"
+
+
+def test_bad_data_line_is_named(tmp_path):
+    f = tmp_path / "test.jsonl"
+    f.write_text('{"input": {}}\n{"input": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"test.jsonl:2"):
+        read_examples(f, get_task("aria"))
+
+
+@pytest.mark.slow  # two subprocess runs of a model (~20-60 s on a busy 2-core machine)
+def test_killed_eval_resumes_without_repeating_answers(tiny_model_dir, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "medtune.cli", "eval", "--task", "aria", "--generate", "16", "--seed", "9",
+           "--model-path", str(tiny_model_dir), "--batch-size", "2", "--max-tokens", "24", "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / PREDICTIONS).exists() and (out / PREDICTIONS).stat().st_size > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the eval finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = _keys(out)
+    assert 0 < len(first) < 16
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = _keys(out)
+    assert keys[: len(first)] == first  # answers written before the kill were kept, not redone
+    assert len(keys) == len(set(keys)) == 16  # the re-run sent only the missing requests
+    assert json.loads((out / "eval.json").read_text(encoding="utf-8"))["answered"] == 16
