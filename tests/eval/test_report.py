@@ -105,10 +105,12 @@ def test_empty_folder_has_nothing_to_report(tmp_path):
 
 
 def _manifest(exacts: dict[str, float]) -> dict:
-    steps = {
-        f"eval:{stage}": {"status": "complete", "metrics": _eval(x)["metrics"]} for stage, x in exacts.items()
-    }
-    steps["sft"] = {"status": "complete", "metrics": {"train_loss": 0.3}}
+    """A run manifest as `medtune run` writes it: the eval step holds each model's scalar metrics."""
+    models = {}
+    for stage, x in exacts.items():
+        scalars = {k: v for k, v in _eval(x)["metrics"].items() if isinstance(v, float | int)}
+        models[stage] = {"key": "k", "model": stage, "metrics": scalars}
+    steps = {"sft": {"status": "complete"}, "eval": {"status": "complete", "models": models}}
     return {
         "name": "aria",
         "recipe": {"task": "aria", "eval": {"targets": {"exact_match": 0.95}}},
@@ -117,11 +119,14 @@ def _manifest(exacts: dict[str, float]) -> dict:
 
 
 def test_run_report_compares_stages(tmp_path):
+    # The last model's full metrics (confusion matrix) sit beside its predictions.
+    write_json(tmp_path / "eval" / "dpo" / "metrics.json", _eval(0.97)["metrics"])
     md = write_run_report(tmp_path, _manifest({"base": 0.1, "sft": 0.85, "dpo": 0.97}))
     assert md == tmp_path / "report" / "report.md"
     text = md.read_text(encoding="utf-8")
     assert "base -> sft -> dpo" in text
-    assert (tmp_path / "report" / "plots" / "comparison.png").stat().st_size > 2000
+    for plot in ("comparison", "confusion"):
+        assert (tmp_path / "report" / "plots" / f"{plot}.png").stat().st_size > 2000
     results = json.loads((tmp_path / "report" / "results.json").read_text(encoding="utf-8"))
     assert results["stages"]["dpo"]["pathology_exact_match"] == 0.97
     recipe_target = next(t for t in results["targets"] if t["source"] == "recipe")

@@ -309,28 +309,30 @@ def write_report(
 
 
 def stage_metrics(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-stage evaluation metrics of a run manifest, in run order: steps named `eval:<stage>`
-    (e.g. eval:base, eval:sft, eval:dpo) whose `metrics` are `evaluate_model` metrics."""
-    out = {}
-    for name, record in manifest.get("steps", {}).items():
-        if name.startswith("eval:") and record.get("status") == "complete" and record.get("metrics"):
-            out[name.split(":", 1)[1]] = record["metrics"]
-    return out
+    """Per-model evaluation metrics of a run manifest, in run order (base, sft, dpo): the `eval`
+    step's `models` (name -> {"metrics": {...}, ...}) that `medtune run` records."""
+    step = manifest.get("steps", {}).get("eval", {})
+    if step.get("status") != "complete":
+        return {}
+    return {name: entry["metrics"] for name, entry in step.get("models", {}).items() if entry.get("metrics")}
 
 
 def write_run_report(run_dir: str | Path, manifest: Any) -> Path:
-    """The report that ends `medtune run`: base -> SFT -> DPO comparison, the last stage's quality
-    (confusion matrix, intervals) and targets (seed's and the recipe's `eval.targets`), written to
-    `<run_dir>/report/`. A bench.json already there (from `medtune bench --out <run_dir>/report`)
-    is included. `manifest` is the manifest dict (or an object with `.data`)."""
+    """The report that ends `medtune run`: base -> SFT -> DPO comparison, the last model's quality
+    (confusion matrix and intervals from `eval/<model>/metrics.json`) and targets (the seed's and
+    the recipe's `eval.targets`), written to `<run_dir>/report/`. A bench.json already there (from
+    `medtune bench --out <run_dir>/report`) is included. `manifest` is the manifest dict or an
+    object with `.data` (`medtune.train.manifest.Manifest`)."""
+    run = Path(run_dir)
     data = getattr(manifest, "data", manifest)
     stages = stage_metrics(data)
     if not stages:
-        raise ConfigError(f"{run_dir}: the manifest has no completed eval:<stage> step to report")
-    last_name, last = list(stages.items())[-1]
+        raise ConfigError(f"{run}: the manifest has no completed eval step to report")
+    last = list(stages)[-1]
+    full = _load(run / "eval" / last / "metrics.json") or stages[last]
     recipe = data.get("recipe") or {}
-    ev = {"task": recipe.get("task"), "model_path": str(Path(run_dir) / last_name), "n": last.get("n"),
-          "errors": 0, "error_rate": 0.0, "metrics": last}  # fmt: skip
+    ev = {"task": recipe.get("task"), "model_path": str(run / last), "n": full.get("n"),
+          "errors": 0, "error_rate": 0.0, "metrics": full}  # fmt: skip
     targets = (recipe.get("eval") or {}).get("targets") or {}
-    title = f"medtune run {data.get('name', Path(run_dir).name)}: {' -> '.join(stages)}"
-    return write_report(Path(run_dir) / "report", title=title, targets=targets, stages=stages, ev=ev)
+    title = f"medtune run {data.get('name', run.name)}: {' -> '.join(stages)}"
+    return write_report(run / "report", title=title, targets=targets, stages=stages, ev=ev)
