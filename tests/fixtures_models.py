@@ -4,6 +4,8 @@
   <|im_start|>/<|im_end|> as single tokens, <|im_end|> = eos), shared by the whole session. Read-only:
   copy it (`shutil.copytree`) before changing anything in it.
 - `tiny_model_factory(name, **config)`: builds another tiny model (other sizes, seeds or texts).
+- `tiny_sft_model_dir`: the tiny model after a short full SFT on aria-like records (its output layer is
+  trained, unlike a random init's, so small updates such as LoRA visibly move its predictions).
 - `tiny_chat_records(n, seed)` / `tiny_preference_records(n, seed)`: aria-like canonical records.
 """
 
@@ -23,6 +25,7 @@ __all__ = [
     "tiny_model_dir",
     "tiny_model_factory",
     "tiny_preference_records",
+    "tiny_sft_model_dir",
 ]
 
 SYSTEM = "Tu es ARIA, assistant d'analyse biomécanique de la course. Réponds en JSON."
@@ -127,3 +130,16 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 def tiny_model_dir(tiny_model_factory: Callable[..., Path]) -> Path:
     """A saved tiny embedded model (HF format, chatml, <|im_end|> eos). Treat as read-only."""
     return tiny_model_factory("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after 16 full-SFT steps (a few seconds). Treat as read-only."""
+    from medtune.config import ModelConfig, StageConfig
+    from medtune.train.sft import train_sft
+
+    stage = StageConfig(max_steps=16, learning_rate=5e-3, batch_size=8, save_steps=1000, logging_steps=4)
+    out = tmp_path_factory.mktemp("tiny_sft")
+    return train_sft(
+        tiny_model_dir, tiny_chat_records(32), None, stage, ModelConfig(), out, seed=0
+    ).output_dir

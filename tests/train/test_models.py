@@ -54,7 +54,7 @@ def test_chat_tokens_are_single_tokens_and_eos_ends_the_turn(tiny_model_dir):
     ids, mask = out["input_ids"], out["assistant_masks"]
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
     # The assistant answer and its end-of-turn token carry loss, nothing of the prompt does.
-    assert tokenizer.decode(trained) == '{"pathologie": "Périostite tibiale"}<|im_end|>'
+    assert tokenizer.decode(trained).rstrip("\n") == '{"pathologie": "Périostite tibiale"}<|im_end|>'
 
 
 def test_sentencepiece_file_matches_the_hf_tokenizer(tiny_model_dir):

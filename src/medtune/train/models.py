@@ -16,6 +16,7 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def build_embedded_model(
             model_max_length=cfg.max_position_embeddings,
         )
         tokenizer.chat_template = template
-        tokenizer.save_pretrained(tmp)  # keeps tokenizer.model beside tokenizer.json
+        tokenizer.save_pretrained(tmp)  # tokenizer.model is already there
 
         torch.manual_seed(seed)
         config = LlamaConfig(
@@ -208,8 +209,8 @@ def _hf_kwargs(model_cfg: ModelConfig | None) -> dict[str, Any]:
     return kwargs
 
 
-def load_tokenizer(path: str | Path, model_cfg: ModelConfig | None = None) -> Any:
-    """The tokenizer of a model folder or hub id, with a pad token and a chat template ensured."""
+def load_tokenizer(path: str | Path, model_cfg: ModelConfig | None = None, *, chat: bool = True) -> Any:
+    """The tokenizer of a model folder or hub id, with a pad token and (when `chat`) a chat template."""
     from transformers import AutoTokenizer
 
     from medtune.data.templates import ensure_chat_template
@@ -222,8 +223,20 @@ def load_tokenizer(path: str | Path, model_cfg: ModelConfig | None = None) -> An
     if tokenizer.pad_token is None:
         # Padding positions never carry loss, so reusing eos (or unk) as pad is safe.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    ensure_chat_template(tokenizer, model_cfg.chat_template if model_cfg else None)
+    if chat:
+        ensure_chat_template(tokenizer, model_cfg.chat_template if model_cfg else None)
     return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
+    """save_pretrained, plus the SentencePiece `tokenizer.model` (transformers 5 writes only tokenizer.json,
+    but llama.cpp's GGUF converter reads the SentencePiece file)."""
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    source = getattr(tokenizer, "vocab_file", None)
+    target = out_dir / "tokenizer.model"
+    if source and str(source).endswith(".model") and Path(source).is_file() and not target.exists():
+        shutil.copyfile(source, target)
 
 
 def model_kind(path: str | Path, model_cfg: ModelConfig | None = None) -> str:
@@ -336,8 +349,9 @@ def load_for_training(model_path: str | Path, stage: StageConfig, model_cfg: Mod
     check_hardware(stage)
     dtype = resolve_dtype(stage.precision)
     source = _check_model_path(model_path)
-    tokenizer = load_tokenizer(source, model_cfg)
     kind = model_kind(source, model_cfg)
+    # Encoder-decoder models read plain text (see seq2seq.py): no chat template needed.
+    tokenizer = load_tokenizer(source, model_cfg, chat=kind != "seq2seq")
     quant = None
     if stage.method == "qlora":
         from transformers import BitsAndBytesConfig
