@@ -57,6 +57,18 @@ class NotFound(ServeError):
     type = "not_found_error"
 
 
+class Forbidden(ServeError):
+    status = 403
+    type = "permission_error"
+
+
+class Conflict(ServeError):
+    """409: the resource is busy (e.g. unloading an adapter that requests are using)."""
+
+    status = 409
+    type = "conflict_error"
+
+
 class PayloadTooLarge(ServeError):
     status = 413
     type = "invalid_request_error"

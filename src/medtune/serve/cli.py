@@ -1,0 +1,201 @@
+"""`medtune serve` (an OpenAI-compatible server) and `medtune health` (is a server up?).
+
+    medtune serve --model runs/aria --served-name aria-ft --port 8001 --api-key secret \\
+                  --adapter derm=adapters/derm --adapter radio=adapters/radio
+    medtune serve --engine vllm --model runs/aria/dpo --quantization awq      # GPU: vLLM's own server
+    medtune health --url http://127.0.0.1:8001
+
+Every option also comes from the environment or `.env` (MEDTUNE_PORT, MEDTUNE_API_KEY,
+MEDTUNE_MAX_BATCH_SIZE, ...); a command-line option wins. `--model` takes a model folder or a run
+folder (runs/aria: its newest merged stage, dpo then sft then pt). SIGTERM stops taking requests
+and lets the ones in flight finish for `--grace-period` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from medtune.errors import ConfigError, ModelError
+from medtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STAGES_NEWEST_FIRST = ("dpo", "sft", "pt")
+
+
+class ServeSettings(Settings):
+    """Serving settings on top of the machine settings (same MEDTUNE_ prefix and .env file)."""
+
+    engine: str = "transformers"
+    max_batch_size: int = Field(16, ge=1)
+    max_queue: int = Field(64, ge=1)
+    request_timeout: float = Field(60.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    grace_period: float = Field(30.0, ge=0)
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    quantization: str | None = None
+
+
+def resolve_model(path: str) -> Path:
+    """A model folder as given, or a run folder's newest merged stage (dpo, then sft, then pt)."""
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file() or folder.suffix == ".gguf":
+        return folder
+    if not folder.exists():
+        raise ModelError(
+            f"--model: {folder} does not exist (train a model first: medtune run recipes/aria.yaml)"
+        )
+    for stage in STAGES_NEWEST_FIRST:
+        for candidate in (folder / stage, folder / stage / "merged"):
+            if (candidate / "config.json").is_file():
+                return candidate
+    if (folder / "adapter_config.json").is_file():
+        raise ModelError(
+            f"--model: {folder} is a LoRA adapter, not a model: serve its base with --model and add "
+            f"--adapter NAME={folder}"
+        )
+    raise ModelError(
+        f"--model: {folder} holds no model (no config.json) and no merged stage ({', '.join(STAGES_NEWEST_FIRST)})"
+    )
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {value!r}: expected NAME=PATH, e.g. derm=adapters/derm")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def _pick(args: argparse.Namespace, settings: ServeSettings, name: str) -> Any:
+    value = getattr(args, name, None)
+    return value if value is not None else getattr(settings, name)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = ServeSettings()
+    opt = lambda name: _pick(args, settings, name)  # noqa: E731
+    adapters = parse_adapters(args.adapter or [])
+    engine_name = opt("engine")
+    if engine_name == "vllm":
+        from medtune.serve.engines.vllm import VllmOptions, exec_vllm
+
+        raw = opt("model")  # a local folder, or a hub id vLLM downloads itself
+        exec_vllm(VllmOptions(
+            model=str(resolve_model(raw)) if Path(raw).expanduser().exists() else raw,
+            served_name=opt("served_name"), host=opt("host"), port=opt("port"), api_key=opt("api_key"),
+            max_model_len=opt("max_model_len"), gpu_memory_utilization=opt("gpu_memory_utilization"),
+            adapters=adapters, tensor_parallel_size=opt("tensor_parallel_size"), dtype=opt("dtype"),
+            quantization=opt("quantization"), max_num_seqs=opt("max_batch_size"),
+        ))  # fmt: skip
+        return 0
+
+    import uvicorn
+
+    from medtune.serve.app import ServerConfig, create_app
+    from medtune.serve.engines import EngineOptions, create_engine
+
+    model = str(resolve_model(opt("model")))
+    log_prompts = bool(args.log_prompts or settings.log_prompts)
+    options = EngineOptions(
+        max_model_len=opt("max_model_len"), max_batch_size=opt("max_batch_size"), max_queue=opt("max_queue"),
+        dtype=opt("dtype"), device=opt("device"), threads=opt("threads"), log_prompts=log_prompts,
+    )  # fmt: skip
+    engine = create_engine(engine_name, model, adapters=adapters, options=options)
+    engine.start()
+    config = ServerConfig(
+        served_name=opt("served_name"), api_key=opt("api_key"), max_body_bytes=opt("max_body_bytes"),
+        request_timeout=opt("request_timeout"), model_path=model,
+    )  # fmt: skip
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(
+        app, host=opt("host"), port=opt("port"), log_level="warning", access_log=False,
+        timeout_graceful_shutdown=round(opt("grace_period")), lifespan="on",
+    )  # fmt: skip
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: answer new requests 503 at once; uvicorn lets in-flight ones finish."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    key = "on" if config.api_key else "OFF (anyone can call it)"
+    print(f"medtune: serving {model} as {config.served_name!r} ({engine_name} engine"
+          f"{', adapters: ' + ', '.join(adapters) if adapters else ''}) on http://{opt('host')}:{opt('port')}"
+          f" - API key {key}", flush=True)  # fmt: skip
+    DrainingServer(uv_config).run()
+    return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = Settings()
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    try:
+        response = httpx.get(f"{url}/health", timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"medtune: {url} is not answering: {exc}", file=sys.stderr)
+        return 1
+    try:
+        body = response.json()
+    except ValueError:
+        body = {
+            "status": "ok" if response.status_code == 200 else "error",
+            "http_status": response.status_code,
+        }
+    print(json.dumps(body, ensure_ascii=False, indent=2))
+    # vLLM's /health answers 200 with an empty body; medtune's says {"loaded": true, ...}.
+    return 0 if response.status_code == 200 and body.get("loaded", True) is not False else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", help="model folder or run folder (env MEDTUNE_MODEL; default runs/aria/dpo)")
+    p.add_argument(
+        "--adapter", action="append", metavar="NAME=PATH", help="LoRA adapter to load (repeatable)"
+    )
+    p.add_argument("--engine", choices=["transformers", "llamacpp", "vllm"], help="default: transformers")
+    p.add_argument("--served-name", dest="served_name", help="model name clients send (default aria-ft)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="default 8001")
+    p.add_argument(
+        "--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (env MEDTUNE_API_KEY)"
+    )
+    p.add_argument("--max-model-len", dest="max_model_len", type=int, help="context length (default 4096)")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="requests decoded together (16)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, help="waiting requests before 429 (64)")
+    p.add_argument("--request-timeout", dest="request_timeout", type=float, help="seconds per request (60)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, help="larger bodies get 413 (1 MiB)")
+    p.add_argument("--grace-period", dest="grace_period", type=float, help="SIGTERM drain seconds (30)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", help="auto | cpu | cuda (transformers engine)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model")
+    p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
+                   help="log prompts and completions (medical data: off by default)")  # fmt: skip
+    g = p.add_argument_group("vLLM engine (GPU)")
+    g.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, help="default 0.90")
+    g.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, help="GPUs per model (1)")
+    g.add_argument("--quantization", help="e.g. awq, gptq, fp8")
+    p.set_defaults(func=serve)
+
+    h = sub.add_parser("health", help="check that a medtune (or vLLM) server is up and its model loaded")
+    h.add_argument("--url", help="server base URL (default http://MEDTUNE_HOST:MEDTUNE_PORT)")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.set_defaults(func=health)

@@ -1,0 +1,203 @@
+"""One request being decoded by the transformers engine: its sampling, grammar, stop strings and text.
+
+The engine's scheduler owns a batch of `Sequence`s. Each step it hands the batch's next-token logits
+to `choose_tokens`, which applies every row's own settings (repetition penalties, grammar mask,
+temperature, top-p, seeded sampling) with batched tensor ops where rows agree and per-row ops where
+they differ, then calls `Sequence.append` with each row's token. `append` advances the grammar
+matcher, detokenises incrementally (tokenizers' `DecodeStream`, which holds back incomplete UTF-8),
+holds back text that may be the start of a stop string, and returns the `StreamDelta` to deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import torch
+from tokenizers.decoders import DecodeStream
+
+from medtune.serve.engines.base import GenerationRequest, StreamDelta, TokenLogprob, TopLogprob
+from medtune.serve.guided import Guide
+
+
+class Sequence:
+    """Decoding state of one request (lives in the scheduler thread; `cancel` may come from any thread)."""
+
+    def __init__(
+        self,
+        req: GenerationRequest,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        matcher: Any,
+        tokenizer: Any,
+        eos_ids: set[int],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.req = req
+        self.sampling = req.sampling
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.matcher = matcher
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.out_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.stops = [s for s in self.sampling.stop if s]
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._text = ""  # decoded so far (complete characters)
+        self._sent = 0  # characters of _text already delivered
+        self.loop = loop
+        self.queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        penalised = self.sampling.presence_penalty or self.sampling.frequency_penalty
+        self.counts: torch.Tensor | None = None if not penalised else torch.zeros(0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    # -- delivery (to the event loop that asked) ----------------------------------------------------
+
+    def deliver(self, item: StreamDelta | BaseException) -> None:
+        if self.loop is None or self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    # -- one token ----------------------------------------------------------------------------------
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> StreamDelta | None:
+        """Take the chosen token; return the delta to deliver (None when nothing is ready yet)."""
+        self.out_ids.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if token in self.eos_ids:
+            return self._finish("stop", [token], logprob)
+        if self.matcher is not None and not self.matcher.accept_token(token):
+            # Cannot happen with the mask applied; end rather than emit text outside the grammar.
+            return self._finish("stop", [token], logprob)
+        piece = self._decoder.step(self.tokenizer.backend_tokenizer, token)
+        if piece:
+            self._text += piece
+        if self.stops:
+            start = max(0, self._sent - max(map(len, self.stops)))
+            hits = [i for i in (self._text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self._text = self._text[: min(hits)]
+                return self._finish("stop", [token], logprob)
+        if len(self.out_ids) >= self.max_new_tokens:
+            return self._finish("length", [token], logprob)
+        if self.matcher is not None and self.matcher.is_terminated():
+            return self._finish("stop", [token], logprob)
+        ready = len(self._text) - self._held_back()
+        text, self._sent = self._text[self._sent : ready], max(self._sent, ready)
+        return self._delta(text, [token], logprob)
+
+    def finish_completed(self) -> StreamDelta:
+        """End a constrained answer that is complete and can only be followed by a stop token."""
+        return self._finish("stop", [], None)
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that could still grow into a stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self._text)), best, -1):
+                if self._text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _finish(self, reason: str, ids: list[int], logprob: TokenLogprob | None) -> StreamDelta:
+        self.finish_reason = reason
+        text, self._sent = self._text[self._sent :], len(self._text)
+        return self._delta(text, ids, logprob)
+
+    def _delta(self, text: str, ids: list[int], logprob: TokenLogprob | None) -> StreamDelta:
+        return StreamDelta(
+            text=text,
+            token_ids=ids,
+            logprobs=[logprob] if logprob is not None else None,
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.out_ids),
+        )
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _logprob_entry(tokenizer: Any, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    text = _token_text(tokenizer, token)
+    entry = TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=list(text.encode()))
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True):
+            alt = _token_text(tokenizer, i)
+            entry.top_logprobs.append(TopLogprob(token=alt, logprob=float(v), bytes=list(alt.encode())))
+    return entry
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    guide: Guide | None,
+    bitmask: torch.Tensor | None,
+    tokenizer: Any,
+) -> list[tuple[int, TokenLogprob | None]]:
+    """Pick each row's next token from `logits` [rows, vocab] (float32, modified in place)."""
+    want_logprobs = [s.sampling.logprobs or s.sampling.top_logprobs > 0 for s in seqs]
+    raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    # Repetition penalties (OpenAI semantics: over the generated tokens only).
+    for i, s in enumerate(seqs):
+        if s.counts is not None:
+            if s.counts.numel() == 0:
+                s.counts = torch.zeros(logits.shape[-1])
+            logits[i] -= s.sampling.frequency_penalty * s.counts + s.sampling.presence_penalty * (
+                s.counts > 0
+            )
+    # Grammar: fill the mask only for constrained rows, apply it to those rows in one call.
+    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if rows and guide is not None and bitmask is not None:
+        for i in rows:
+            guide.fill(bitmask, i, seqs[i].matcher)
+        guide.apply(logits, bitmask, rows)
+    greedy = [s.sampling.greedy for s in seqs]
+    tokens = logits.argmax(dim=-1).tolist() if any(greedy) else [0] * len(seqs)
+    for i, s in enumerate(seqs):
+        if greedy[i]:
+            continue
+        row = logits[i] / s.sampling.temperature
+        probs = torch.softmax(row, dim=-1)
+        if s.sampling.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < s.sampling.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+    out: list[tuple[int, TokenLogprob | None]] = []
+    for i, s in enumerate(seqs):
+        lp = None
+        if raw is not None and want_logprobs[i]:
+            lp = _logprob_entry(tokenizer, raw[i], tokens[i], s.sampling.top_logprobs)
+        out.append((tokens[i], lp))
+    return out
+
+
+def only_stop_allowed(guide: Guide, bitmask: torch.Tensor, row: int, seq: Sequence, vocab: int) -> bool:
+    """True when a constrained answer is complete and the grammar allows nothing but a stop token."""
+    if seq.matcher is None or not seq.matcher.is_completed():
+        return False
+    guide.fill(bitmask, row, seq.matcher)
+    probe = torch.zeros(1, vocab)
+    guide.apply(probe, bitmask[row : row + 1], [0])
+    allowed = torch.isfinite(probe[0]).nonzero().flatten().tolist()
+    return all(t in seq.eos_ids for t in allowed)

@@ -1,0 +1,427 @@
+"""The embedded serving engine: a transformers causal LM with continuous batching, on CPU or GPU.
+
+    engine = TransformersEngine("runs/aria/dpo", adapters={"derm": "adapters/derm"},
+                                options=EngineOptions(max_batch_size=16, max_queue=64))
+    engine.start()          # loads the model and starts the scheduler thread
+
+A scheduler thread decodes every running request together, one token per step, over one shared KV
+cache (`DynamicCache`). New requests join between steps: they are prefilled together (left padding,
+attention mask, position ids counted from each row's first real token) and their cache rows are
+left-padded to the running batch's length and concatenated to it; finished rows are dropped and
+all-padding columns trimmed. Every row keeps its own sampling settings, stop strings, seed,
+xgrammar matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone
+or batched. The event loop only tokenises, validates and waits on a per-request queue; the bounded
+waiting queue turns overload into `QueueFull` (HTTP 429).
+
+Why not transformers' own `ContinuousBatchingManager` or `generate()`: neither lets each request of
+one batch carry its own grammar matcher and its own adapter, which is the point of this server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from medtune.errors import MedtuneError, ModelError
+from medtune.serve.adapters import AdapterSet
+from medtune.serve.engines.base import (
+    Engine,
+    EngineOptions,
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+)
+from medtune.serve.engines.sequence import Sequence, choose_tokens, only_stop_allowed
+from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, QueueFull, ServeError, ShuttingDown
+from medtune.serve.guided import Guide
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(
+        self, model: str, adapters: dict[str, str] | None = None, options: EngineOptions | None = None
+    ) -> None:
+        self.model_path = str(model)
+        self.options = options or EngineOptions()
+        self._initial_adapters = dict(adapters or {})
+        self.loaded = False
+        self.adapters: AdapterSet | None = None
+        self.guide: Guide | None = None
+        self._waiting: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._model_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # The running batch (scheduler thread only).
+        self._rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._next: torch.Tensor | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.loaded:
+            return
+        path = Path(self.model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model: {path} is not a model folder (no config.json)")
+        opts = self.options
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if opts.dtype == "auto":
+            dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        elif opts.dtype in _DTYPES:
+            dtype = _DTYPES[opts.dtype]
+        else:
+            raise ModelError(f"--dtype: expected auto, {', '.join(_DTYPES)}; found {opts.dtype!r}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"--model: cannot load {path}: {exc}") from None
+        if getattr(self.tokenizer, "backend_tokenizer", None) is None:
+            raise ModelError(
+                f"--model: {path}: the tokenizer has no tokenizer.json (a fast tokenizer is needed)"
+            )
+        self.device = torch.device(device)
+        model.to(self.device).eval()
+        self.adapters = AdapterSet(model)
+        for name, adapter_path in self._initial_adapters.items():
+            self.adapters.load(name, adapter_path)
+        config = model.config.get_text_config(decoder=True)
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        self._max_context = min(opts.max_model_len or limit, limit)
+        self.eos_ids = self._eos_ids(model)
+        self.turn_end_ids, self.turn_end_texts = self._turn_ends()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = min(self.eos_ids) if self.eos_ids else 0
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        stops = sorted(self.eos_ids | self.turn_end_ids)
+        self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
+        self._bitmask = self.guide.allocate(opts.max_batch_size)
+        self.loaded = True
+        self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
+        self._thread.start()
+        log.info(
+            "transformers engine: %s on %s (%s), context %d, batch %d, queue %d",
+            path, device, str(dtype).removeprefix("torch."), self._max_context, opts.max_batch_size, opts.max_queue,
+        )  # fmt: skip
+
+    def _eos_ids(self, model: Any) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(model, "generation_config", None)
+        for value in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    def _turn_ends(self) -> tuple[set[int], list[str]]:
+        """What ends an assistant turn under the chat template besides EOS (e.g. <end_of_turn>):
+        single tokens stop chat requests like EOS does, other text becomes a stop string."""
+        from medtune.data.templates import end_of_turn_tokens
+
+        try:
+            ends = end_of_turn_tokens(self.tokenizer)
+        except MedtuneError:  # no chat template: only plain completions make sense
+            return set(), []
+        ids, texts = set(), []
+        for text in ends:
+            encoded = self.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+            else:
+                texts.append(text)
+        return ids - self.eos_ids, texts
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for seq in list(self._waiting) + self._rows:
+            seq.deliver(ShuttingDown("the server stopped before this request finished"))
+        self._waiting.clear()
+        self._rows = []
+        self._cache = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "loaded": self.loaded,
+            "engine": self.name,
+            "model": self.model_path,
+            "adapters": sorted(self.adapters.paths) if self.adapters else [],
+            "device": str(getattr(self, "device", "")),
+        }
+
+    # -- text ----------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text, add_special_tokens=False))
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    # -- adapters ------------------------------------------------------------------------------------
+
+    def list_adapters(self) -> dict[str, str]:
+        return dict(self.adapters.paths) if self.adapters else {}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        with self._model_lock:  # between two decoding steps
+            self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            busy = [s for s in list(self._waiting) + self._rows if s.req.adapter == name and not s.finished]
+            if busy:
+                raise Conflict(
+                    f"adapter {name!r} has {len(busy)} request(s) in flight; retry when they finish"
+                )
+            self.adapters.unload(name)
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
+        if not self.loaded or self._stopping:
+            raise ShuttingDown("the model is not loaded or the server is stopping")
+        if req.adapter is not None and req.adapter not in self.adapters.paths:
+            raise ModelNotFound(f"no adapter named {req.adapter!r} is loaded", param="model")
+        chat = req.prompt is None
+        prompt_ids = self.encode(self.prompt_text(req), add_special_tokens=not chat)
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
+        matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
+        eos = self.eos_ids | self.turn_end_ids if chat else self.eos_ids
+        seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos, loop)
+        if chat and self.turn_end_texts:
+            seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
+        return seq
+
+    def _submit(self, seq: Sequence, bounded: bool) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is stopping")
+            if bounded and len(self._waiting) >= self.options.max_queue:
+                raise QueueFull(
+                    f"the request queue is full ({self.options.max_queue} waiting, "
+                    f"{len(self._rows)} running); retry later"
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        return self._stream(req, bounded=True)
+
+    async def _stream(self, req: GenerationRequest, bounded: bool) -> AsyncIterator[StreamDelta]:
+        loop = asyncio.get_running_loop()
+        seq = self._prepare(req, loop)
+        self._submit(seq, bounded)
+        if self.options.log_prompts:
+            log.info("request %s prompt: %r", req.request_id, self.prompt_text(req))
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    if self.options.log_prompts:
+                        log.info("request %s completion: %r", req.request_id, seq.text)
+                    return
+        finally:
+            seq.cancel()  # frees the slot if the client went away or timed out
+
+    def generate_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        """Offline batch: every request is queued at once (no 429), results in input order."""
+        self.start()
+
+        async def one(req: GenerationRequest) -> GenerationResult:
+            text, ids, last = [], [], StreamDelta(text="")
+            async for delta in self._stream(req, bounded=False):
+                text.append(delta.text)
+                ids.extend(delta.token_ids)
+                last = delta
+            return GenerationResult("".join(text), ids, last.finish_reason or "stop", last.prompt_tokens,
+                                    last.completion_tokens)  # fmt: skip
+
+        async def run() -> list[GenerationResult]:
+            return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+        return asyncio.run(run())
+
+    # -- scheduler thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admit = self._admit()
+                try:
+                    with self._model_lock:
+                        self._drop_finished()
+                        if admit:
+                            self._prefill(admit)
+                        if self._rows:
+                            self._decode()
+                except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
+                    log.exception("decoding step failed")
+                    for seq in self._rows + admit:
+                        if not seq.finished:
+                            seq.deliver(ServeError(f"decoding failed: {type(exc).__name__}"))
+                            seq.cancel()
+                    self._rows, self._cache, self._mask, self._next = [], None, None, None
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting requests that join the batch now (caller holds the condition)."""
+        room = self.options.max_batch_size - len(self._rows)
+        if self._rows and not self._can_merge():
+            room = 0
+        admit = []
+        while self._waiting and len(admit) < room:
+            seq = self._waiting.popleft()
+            if not seq.cancelled:
+                admit.append(seq)
+        return admit
+
+    def _can_merge(self) -> bool:
+        # Sliding-window or linear-attention caches cannot be left-padded and concatenated safely:
+        # such models are batched dynamically (a new batch starts when the running one ends).
+        return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
+                 seqs: list[Sequence]) -> torch.Tensor:  # fmt: skip
+        extra = self.adapters.forward_kwargs([s.req.adapter for s in seqs])
+        out = self.adapters.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return out.logits[:, -1, :].float().cpu()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.adapters.model.config)
+        t0 = time.perf_counter()
+        logits = self._forward(ids, mask, pos, cache, seqs)
+        log.debug("prefill %d x %d tokens in %.1f ms", len(seqs), width, 1000 * (time.perf_counter() - t0))
+        tokens = self._step(seqs, logits)
+        keep = [i for i, s in enumerate(seqs) if not s.finished]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        cache.batch_select_indices(index)
+        self._merge(cache, mask[keep], [seqs[i] for i in keep], tokens[keep])
+
+    def _merge(
+        self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor
+    ) -> None:
+        if not self._rows:
+            self._cache, self._mask, self._rows, self._next = cache, mask, seqs, nxt
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = width - t.shape[-dim_from_end]
+            if missing == 0:
+                return t
+            return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)], dim=0)
+            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
+        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)], dim=0)
+        self._rows = self._rows + seqs
+        self._next = torch.cat([self._next, nxt])
+
+    def _decode(self) -> None:
+        mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
+        pos = mask.sum(-1, keepdim=True) - 1
+        logits = self._forward(self._next.view(-1, 1), mask, pos, self._cache, self._rows)
+        self._mask = mask
+        self._next = self._step(self._rows, logits)
+        self._drop_finished()
+
+    def _step(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Choose, record and deliver each row's next token; return the tokens (the next inputs)."""
+        chosen = choose_tokens(logits, seqs, self.guide, self._bitmask, self.tokenizer)
+        for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
+            if seq.cancelled:
+                continue
+            delta = seq.append(token, logprob)
+            if not seq.finished and only_stop_allowed(self.guide, self._bitmask, i, seq, self.vocab):
+                # The answer is complete; skip the forward pass that could only produce a stop token.
+                done = seq.finish_completed()
+                delta.text += done.text
+                delta.finish_reason = done.finish_reason
+            if delta is not None:
+                seq.deliver(delta)
+        return torch.tensor([t for t, _ in chosen], dtype=torch.long)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._rows) if not s.finished]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._next = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = self._mask[keep]
+        self._next = self._next[keep]
+        # Trim columns that are padding for every remaining row.
+        first = int((self._mask.sum(0) > 0).nonzero()[0])
+        if first > 0:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]

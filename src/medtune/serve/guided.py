@@ -1,0 +1,167 @@
+"""Constrained decoding with xgrammar: JSON schema, any JSON object, regex and choice constraints.
+
+    guide = Guide(tokenizer, vocab_size=model_vocab, stop_token_ids=[eos])
+    matcher = guide.matcher(Constraint("json_schema", schema))   # raises BadRequest for a bad schema
+    # each decoding step, for the constrained rows of a batch:
+    guide.fill(bitmask, row, matcher); guide.apply(logits, bitmask, rows); matcher.accept_token(tok)
+
+JSON is emitted compactly on one line with json.dumps' default separators (`", "`, `": "`), which is
+also how the task packs write their reference answers, with no free whitespace between tokens (no
+"whitespace runaway") and non-ASCII text as plain UTF-8 (xgrammar keeps enum values as given, so
+"élevée" can only come out as "élevée", never as "\\u00e9lev\\u00e9e").
+
+xgrammar silently ignores a few JSON-schema keywords (the output would not be guaranteed to match);
+requests using them are refused with a 400 naming the keyword instead of being served unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import torch
+import xgrammar as xgr
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from medtune.serve.engines.base import Constraint
+from medtune.serve.errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+# Keywords xgrammar 0.2 accepts but does not enforce (checked against its matcher).
+UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems")
+# Where sub-schemas live, to walk the whole schema.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties")
+
+
+def check_schema(schema: Any, where: str = "response_format.json_schema.schema") -> None:
+    """Raise BadRequest if `schema` is not a valid JSON schema or uses a keyword xgrammar cannot enforce."""
+    if not isinstance(schema, dict):
+        raise BadRequest(f"{where}: a JSON schema is an object, found {type(schema).__name__}", param=where)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        at = f"{where}.{path}" if path else where
+        raise BadRequest(f"{at}: invalid JSON schema: {exc.message}", param=where) from None
+    _walk(schema, where)
+
+
+def _walk(node: Any, where: str) -> None:
+    if not isinstance(node, dict):
+        return
+    for key in UNSUPPORTED_KEYWORDS:
+        if key in node and not (key == "uniqueItems" and node[key] is False):
+            raise BadRequest(
+                f"{where}: JSON-schema keyword {key!r} is not supported by constrained decoding "
+                "(the output could not be guaranteed to match it)",
+                param=where,
+            )
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        raise BadRequest(
+            f"{where}: JSON-schema keyword 'allOf' with several sub-schemas is not supported by "
+            "constrained decoding; merge them into one schema",
+            param=where,
+        )
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for name, sub in node[key].items():
+                _walk(sub, f"{where}.{key}.{name}")
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for i, sub in enumerate(node[key]):
+                _walk(sub, f"{where}.{key}[{i}]")
+    for key in _SCHEMA_VALUES:
+        _walk(node.get(key), f"{where}.{key}")
+
+
+class Guide:
+    """Compiles constraints for one tokenizer (cached by constraint) and masks logits for a batch."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        # vocab_size is the model's (possibly padded) logits width, so padded ids get masked too.
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        )
+        self.vocab_size = vocab_size
+        # Special tokens (chat markers such as <|im_start|>) never belong inside a constrained answer,
+        # even when a tokenizer forgets to flag them special and xgrammar reads them as plain text.
+        special = set(getattr(tokenizer, "all_special_ids", []) or []) - set(stop_token_ids)
+        self._forbidden = torch.tensor(sorted(i for i in special if 0 <= i < vocab_size), dtype=torch.long)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._compiled: dict[str, xgr.CompiledGrammar] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        """The compiled grammar for a constraint (cached by its content)."""
+        key = constraint.cache_key()
+        with self._lock:
+            hit = self._compiled.get(key)
+        if hit is not None:
+            return hit
+        compiled = self._compile(constraint)
+        with self._lock:
+            if len(self._compiled) >= 256:  # bounded: clients may send a new schema every time
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[key] = compiled
+        return compiled
+
+    def _compile(self, c: Constraint) -> xgr.CompiledGrammar:
+        try:
+            if c.kind == "json_schema":
+                check_schema(c.payload)
+                return self._compiler.compile_json_schema(
+                    json.dumps(c.payload, ensure_ascii=False), any_whitespace=False
+                )
+            if c.kind == "json_object":
+                # strict_mode off: any properties; any_whitespace off: compact, no whitespace runaway.
+                return self._compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=False, strict_mode=False
+                )
+            if c.kind == "regex":
+                if not isinstance(c.payload, str) or not c.payload:
+                    raise BadRequest(
+                        "guided_regex: expected a non-empty regular expression", param="guided_regex"
+                    )
+                return self._compiler.compile_regex(c.payload)
+            if c.kind == "choice":
+                choices = c.payload
+                if not (
+                    isinstance(choices, list) and choices and all(isinstance(x, str) and x for x in choices)
+                ):
+                    raise BadRequest(
+                        "guided_choice: expected a non-empty list of non-empty strings", param="guided_choice"
+                    )
+                ebnf = "root ::= " + " | ".join(json.dumps(x, ensure_ascii=False) for x in choices)
+                return self._compiler.compile_grammar(ebnf)
+        except RuntimeError as exc:
+            # xgrammar's message names the construct ("Unsupported type", "Lookbehind is not supported").
+            detail = str(exc).strip().splitlines()[-1]
+            detail = detail.split(": ", 1)[1] if ".cc:" in detail else detail
+            param = {"json_schema": "response_format", "regex": "guided_regex"}.get(c.kind, "guided_choice")
+            raise BadRequest(
+                f"{param}: cannot be used for constrained decoding: {detail}", param=param
+            ) from None
+        raise BadRequest(f"unknown constraint kind {c.kind!r}", param="response_format")
+
+    def matcher(self, constraint: Constraint) -> xgr.GrammarMatcher:
+        """A fresh matcher (one per request)."""
+        return xgr.GrammarMatcher(self.compile(constraint))
+
+    def allocate(self, batch_size: int) -> torch.Tensor:
+        return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
+
+    @staticmethod
+    def fill(bitmask: torch.Tensor, row: int, matcher: xgr.GrammarMatcher) -> None:
+        matcher.fill_next_token_bitmask(bitmask, row)
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
+        if self._forbidden.numel():
+            logits[torch.tensor(rows)[:, None], self._forbidden] = float("-inf")
