@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from medtune.errors import ConfigError, MedtuneError
-from medtune.eval.runner import chat_kwargs, make_client, server_root
+from medtune.errors import ConfigError
+from medtune.eval.runner import chat_kwargs, check_endpoint, make_client, server_root
 from medtune.io import write_json
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,13 @@ async def _sweep(
     stop = asyncio.Event()
     watch = asyncio.create_task(watcher.run(stop))
     try:
+        await check_endpoint(client, endpoint, model)
         try:
             await _one_streamed(client, bodies[0])  # warm-up: load, grammar compilation, caches
-        except openai.AuthenticationError:
-            raise ConfigError(f"{endpoint}: the API key was refused (401); pass --api-key") from None
-        except openai.APIConnectionError:
-            raise MedtuneError(f"{endpoint}: cannot connect (is the server running?)") from None
-        except openai.NotFoundError:
-            raise ConfigError(f"--model {model!r}: the endpoint does not serve it (404)") from None
+        except openai.BadRequestError as exc:
+            raise ConfigError(
+                f"{endpoint}: the server refused the benchmark request: {exc.message}"
+            ) from None
         results = []
         for c in levels:
             log.info("bench: concurrency %d, %d requests", c, len(bodies))

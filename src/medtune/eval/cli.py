@@ -13,6 +13,7 @@ eval and bench write into the same folder and each rebuilds its report, so runni
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from medtune.errors import ConfigError
@@ -45,18 +46,32 @@ def _targets(pairs: list[str]) -> dict[str, float]:
     return targets
 
 
-def _api_key(args: argparse.Namespace) -> str | None:
-    if args.api_key:
-        return args.api_key
+def _quiet_http_logs() -> None:
+    # The openai client's HTTP library logs every request at INFO: one line per request drowns the progress bar.
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _endpoint(args: argparse.Namespace) -> None:
+    """Fill --endpoint, --model and --api-key from the machine settings (.env) when not given, so
+    `medtune bench --task aria --out DIR` measures the server `medtune serve` starts by default."""
     from medtune.settings import get_settings
 
-    return get_settings().api_key
+    settings = get_settings()
+    if args.endpoint is None and getattr(args, "model_path", None) is None:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        args.endpoint = f"http://{host}:{settings.port}"
+    if args.endpoint is not None:
+        args.model = args.model or settings.served_name
+        args.api_key = args.api_key or settings.api_key
+    _quiet_http_logs()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from medtune.eval.report import write_report
     from medtune.eval.runner import read_examples, run_eval
 
+    _endpoint(args)
     task = _task(args)
     if args.data:
         examples = read_examples(args.data, task)
@@ -69,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "give the examples: --data FILE, or --generate N for a task pack's synthetic test set"
         )
     result = run_eval(
-        task, examples, args.out, endpoint=args.endpoint, model=args.model, api_key=_api_key(args),
+        task, examples, args.out, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
         model_path=args.model_path, engine=args.engine, concurrency=args.concurrency,
         batch_size=args.batch_size, max_retries=args.max_retries, timeout=args.timeout,
         show_progress=not args.quiet,
@@ -88,9 +103,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from medtune.eval.bench import parse_levels, run_bench
     from medtune.eval.report import write_report
 
+    _endpoint(args)
     task = _task(args)
     result = run_bench(
-        task, args.out, endpoint=args.endpoint, model=args.model, api_key=_api_key(args),
+        task, args.out, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
         levels=parse_levels(args.concurrency), requests=args.requests, seed=args.seed, timeout=args.timeout,
     )  # fmt: skip
     report = write_report(args.out, targets=_targets(args.target))
@@ -125,11 +141,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _endpoint_options(p: argparse.ArgumentParser, required: bool) -> None:
+def _endpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--endpoint", required=required, help="OpenAI-compatible server, e.g. http://127.0.0.1:8001"
+        "--endpoint", help="OpenAI-compatible server, e.g. http://127.0.0.1:8001 (default: MEDTUNE_HOST/PORT)"
     )
-    p.add_argument("--model", help="served model name at the endpoint (e.g. aria-ft)", required=required)
+    p.add_argument(
+        "--model", help="served model name at the endpoint (default: MEDTUNE_SERVED_NAME, aria-ft)"
+    )
     p.add_argument("--api-key", help="bearer key (default: MEDTUNE_API_KEY from the environment or .env)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
 
@@ -147,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--data", help="test examples (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--generate", type=int, metavar="N", help="use N synthetic test cases of the task pack")
-    _endpoint_options(p, required=False)
+    _endpoint_options(p)
     p.add_argument("--model-path", help="evaluate a model folder in-process instead of an endpoint")
     p.add_argument("--engine", default="transformers", help="in-process engine (transformers, llamacpp)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
@@ -159,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="latency / throughput sweep against an OpenAI-compatible endpoint")
     _common(p)
-    _endpoint_options(p, required=True)
+    _endpoint_options(p)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="levels, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--requests", type=int, default=64, help="requests per level (default 64)")
     p.set_defaults(func=cmd_bench)

@@ -154,6 +154,20 @@ def _progress(total: int, done: int, description: str):
     return progress, bar
 
 
+async def check_endpoint(client: Any, endpoint: str, model: str) -> None:
+    """Fail early, with a clear message, when the endpoint is down, refuses the key or lacks the model."""
+    import openai
+
+    try:
+        served = [m.id for m in (await client.models.list()).data]
+    except openai.AuthenticationError:
+        raise ConfigError(f"{endpoint}: the API key was refused (401); pass --api-key") from None
+    except openai.APIConnectionError:
+        raise MedtuneError(f"{endpoint}: cannot connect (is the server running?)") from None
+    if served and model not in served:
+        raise ConfigError(f"--model {model!r} is not served at {endpoint} (served: {', '.join(served)})")
+
+
 async def _query_endpoint(
     task: Any,
     pending: list[tuple[str, list[dict[str, str]]]],
@@ -171,14 +185,7 @@ async def _query_endpoint(
 
     client = make_client(endpoint, api_key, max_retries=max_retries, timeout=timeout)
     try:
-        try:
-            served = [m.id for m in (await client.models.list()).data]
-        except openai.AuthenticationError:
-            raise ConfigError(f"{endpoint}: the API key was refused (401); pass --api-key") from None
-        except openai.APIConnectionError:
-            raise MedtuneError(f"{endpoint}: cannot connect (is the server running?)") from None
-        if served and model not in served:
-            raise ConfigError(f"--model {model!r} is not served at {endpoint} (served: {', '.join(served)})")
+        await check_endpoint(client, endpoint, model)
         gate = asyncio.Semaphore(concurrency)
 
         async def one(key: str, messages: list[dict[str, str]]) -> None:
