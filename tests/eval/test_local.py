@@ -5,6 +5,7 @@ import pytest
 from medtune.errors import DataError, ModelError
 from medtune.eval.local import evaluate_model, request_messages, response_constraint
 from medtune.serve.engines.base import Constraint
+from medtune.tasks import get_task
 
 SYSTEM = {"role": "system", "content": "Réponds en JSON."}
 USER = {"role": "user", "content": "inclinaison_tronc 8.2"}
@@ -49,3 +50,27 @@ def test_missing_model_folder_is_a_model_error(tmp_path):
 
     with pytest.raises(ModelError, match="not found"):
         evaluate_model(tmp_path / "nope", Dummy(), [{"messages": [SYSTEM, USER]}])
+
+
+def test_answers_keep_example_order_across_batches(tiny_model_dir):
+    task = get_task("aria")
+    task.max_tokens = 24  # an untrained model rambles: short answers keep the test fast
+    examples = task.generate_test(5, seed=11)
+    one = evaluate_model(tiny_model_dir, task, examples, batch_size=1)
+    many = evaluate_model(tiny_model_dir, task, examples, batch_size=4)
+    assert one.predictions == many.predictions  # greedy: the same answer alone or batched, in order
+    assert len(one.finish_reasons) == 5
+    assert (
+        one.metrics["pathology_exact_match"] == task.score(examples, one.predictions)["pathology_exact_match"]
+    )
+    assert set(one.metrics["ci"]) >= {"pathology_exact_match", "json_valid"}
+    # Every answer starts as the schema demands, even cut at 24 tokens.
+    assert all(p.startswith('{"pathologie"') for p in one.predictions)
+
+
+def test_a_prompt_too_long_names_its_example(tiny_model_dir):
+    task = get_task("aria")
+    examples = task.generate_test(3, seed=1)
+    examples[2]["messages"][-1]["content"] += " mesure" * 3000
+    with pytest.raises(DataError, match=r"example 3: .*context"):
+        evaluate_model(tiny_model_dir, task, examples)

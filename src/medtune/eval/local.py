@@ -123,113 +123,32 @@ def generate_answers(
     if not model_path.exists():
         raise ModelError(f"{model_path}: model not found")
     constraint = response_constraint(response_format)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # Requests go in chunks of a few batches: the engine keeps its batch full across a chunk.
     chunk = 4 * batch_size
-    try:
-        # Requests go in chunks of a few batches: the engine keeps its batch full across them.
-        options = EngineOptions(max_batch_size=batch_size, max_queue=chunk)
-        runner = create_engine(engine, str(model_path), options=options)
-    except ModuleNotFoundError as exc:
-        if exc.name != "medtune.serve.engines.transformers":
-            raise
-        runner = None
+    runner = create_engine(
+        engine, str(model_path), options=EngineOptions(max_batch_size=batch_size, max_queue=chunk)
+    )
+    runner.start()
     predictions: list[str] = []
     finish: list[str] = []
-    if runner is None:
-        generate = _hf_generator(model_path, constraint, batch_size)
-    else:
-        runner.start()
-
+    try:
         for i, messages in enumerate(requests):
             # Find a request that cannot fit before generating anything, and say which one it is.
             try:
                 runner.check_lengths(runner.count_tokens(runner.render(messages)), max_tokens)
             except ServeError as exc:
-                runner.close()
                 raise DataError(f"example {i + 1}: {exc}") from None
-
-        def generate(batch: list[list[dict[str, str]]], max_new: int) -> tuple[list[str], list[str]]:
-            reqs = [
-                GenerationRequest(
-                    messages=m,
-                    sampling=SamplingParams(temperature=0.0, max_tokens=max_new),
-                    constraint=constraint,
-                )
-                for m in batch
-            ]
-            results = runner.generate_batch(reqs)
-            return [r.text for r in results], [r.finish_reason for r in results]
-
-    try:
         for start in range(0, len(requests), chunk):
-            texts, reasons = generate(requests[start : start + chunk], max_tokens)
+            batch = requests[start : start + chunk]
+            results = runner.generate_batch(
+                [GenerationRequest(messages=m, sampling=sampling, constraint=constraint) for m in batch]
+            )
+            texts, reasons = [r.text for r in results], [r.finish_reason for r in results]
             predictions.extend(texts)
             finish.extend(reasons)
             if on_batch is not None:
                 on_batch(start, texts, reasons)
     finally:
-        if runner is not None:
-            runner.close()
+        runner.close()
     return predictions, finish
-
-
-# --------------------------------------------------------------------------------------------------
-# TEMPORARY: plain `model.generate` + xgrammar's stock HF logits processor, used until the serving
-# engine's `generate_batch` lands (then this section is deleted so there is one generation path).
-
-
-def _hf_generator(model_path: Path, constraint: Constraint | None, batch_size: int):
-    import torch
-    import xgrammar as xgr
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_path}: cannot load the model: {exc}") from None
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    compiled = None
-    if constraint is not None:
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
-        compiler = xgr.GrammarCompiler(info)
-        if constraint.kind == "json_schema":
-            compiled = compiler.compile_json_schema(constraint.payload, any_whitespace=False)
-        else:
-            compiled = compiler.compile_builtin_json_grammar()
-
-    def generate(chunk: list[list[dict[str, str]]], max_tokens: int) -> tuple[list[str], list[str]]:
-        texts, reasons = [], []
-        for i in range(0, len(chunk), batch_size):
-            t, r = generate_one(chunk[i : i + batch_size], max_tokens)
-            texts += t
-            reasons += r
-        return texts, reasons
-
-    def generate_one(batch: list[list[dict[str, str]]], max_tokens: int) -> tuple[list[str], list[str]]:
-        prompts = [
-            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in batch
-        ]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        processors = [xgr.contrib.hf.LogitsProcessor(compiled)] if compiled is not None else []
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                logits_processor=processors,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        texts, reasons = [], []
-        for row in new.tolist():
-            ended = tokenizer.eos_token_id in row
-            if ended:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-            reasons.append("stop" if ended else "length")
-        return texts, reasons
-
-    return generate
