@@ -57,10 +57,10 @@ CHROMIUM ?= /usr/bin/chromium
 .PHONY: doc doc-serve docker-build docker-lint docker-serve docker-serve-ft docker-stop docker-logs check-gpu browser test-browser
 
 doc: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 doc-serve: $(STAMP)
-	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8080
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8080
 
 docker-lint: $(STAMP)
 	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
