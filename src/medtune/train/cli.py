@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medtune.config import load_recipe
+from medtune.errors import ConfigError
 
 STAGES = ("pt", "sft", "dpo")
 # Headline numbers shown as percentages: rates in [0, 1] reported by the task scorers.
@@ -105,9 +106,46 @@ def print_summary(
     )
 
 
+def _recipe_flags(parser: argparse.ArgumentParser, *, stage: bool) -> None:
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint"
+    )
+    if stage:
+        parser.add_argument("--stage", choices=STAGES, help="the stage to train (required)")
+    else:
+        parser.add_argument(
+            "--from",
+            dest="from_step",
+            metavar="STEP",
+            help="rerun from this step on (data, model, pt, sft, dpo, eval)",
+        )
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """Options written after the overrides (`train R k=v --stage sft k2=v2`) land in `args.overrides`,
+    which argparse collects as a remainder; move them back onto `args`."""
+    late = argparse.ArgumentParser(prog=f"medtune {args.command}", add_help=False)
+    _recipe_flags(late, stage=args.command == "train")
+    found, rest = late.parse_known_args(args.overrides)
+    for key, value in vars(found).items():
+        if value not in (None, False):
+            setattr(args, key, value)
+    wrong = [item for item in rest if "=" not in item or item.startswith("-")]
+    if wrong:
+        raise ConfigError(
+            f"medtune {args.command}: unexpected argument(s) {' '.join(wrong)}; overrides are KEY=VALUE"
+        )
+    args.overrides = rest
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from medtune.train.pipeline import run_pipeline
 
+    _split_overrides(args)
+    if args.command == "train" and not args.stage:
+        raise ConfigError(
+            "medtune train: --stage is required (pt, sft or dpo); `medtune run` runs every stage"
+        )
     recipe = load_recipe(args.recipe, args.overrides)
     result = run_pipeline(
         recipe,
@@ -132,36 +170,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def recipe_args(p: argparse.ArgumentParser) -> None:
+    for command, help_text in (
+        ("run", "run a recipe end to end: data, model, stages, eval (steps already done are skipped)"),
+        ("train", "train one stage of a recipe (its data and base model are prepared first)"),
+    ):
+        p = sub.add_parser(command, help=help_text, description=help_text)
         p.add_argument("recipe", help="recipe YAML file (see recipes/)")
         p.add_argument(
-            "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.sft.lora.r=16"
+            "overrides",
+            nargs=argparse.REMAINDER,
+            metavar="KEY=VALUE",
+            help="recipe overrides, e.g. train.sft.lora.r=16",
         )
-        p.add_argument(
-            "--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint"
-        )
-
-    p = sub.add_parser(
-        "run",
-        help="run a recipe end to end: data, model, stages, eval (skips steps already done)",
-        description="Steps: data, model, then train.stages (pt, sft, dpo), then eval. A step already "
-        "complete with the same inputs is skipped.",
-    )
-    recipe_args(p)
-    p.add_argument(
-        "--from",
-        dest="from_step",
-        metavar="STEP",
-        help="rerun from this step on (data, model, pt, sft, dpo, eval)",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser(
-        "train", help="train one stage of a recipe (its data and base model are prepared first)"
-    )
-    recipe_args(p)
-    p.add_argument("--stage", required=True, choices=STAGES, help="the stage to train")
-    p.set_defaults(func=cmd_run)
+        _recipe_flags(p, stage=command == "train")
+        p.set_defaults(func=cmd_run, command=command)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone safetensors model")
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
