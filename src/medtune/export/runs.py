@@ -6,7 +6,7 @@
         ...
 
 A run folder is recognised by its `manifest.json` (written by `medtune run`); its final model is the
-last trained stage's folder. An adapter folder (`adapter_config.json`) is fused into its base with
+folder of the last completed stage of the recipe's `train.stages` (`runs/aria/dpo`). An adapter folder (`adapter_config.json`) is fused into its base with
 `medtune.train.merge.merge_adapter` into a temporary folder that disappears afterwards.
 """
 
@@ -44,16 +44,31 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 
 
 def final_model_dir(run_dir: str | Path) -> Path:
-    """The model a run ends with: the last stage (in the recipe's order) whose folder holds a model."""
+    """The model a run ends with: the last completed stage (in the recipe's order) that has a model."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     stages = (manifest.get("recipe") or {}).get("train", {}).get("stages") or list(STAGE_ORDER)
+    steps = manifest.get("steps") or {}
     for stage in reversed(stages):
-        info = (manifest.get("stages") or {}).get(stage) or {}
-        for candidate in (info.get("model_dir"), info.get("output_dir"), run_dir / stage):
-            if candidate and (is_model_dir(Path(candidate)) or is_adapter_dir(Path(candidate))):
-                return Path(candidate)
-    raise ModelError(f"{run_dir}: the run has no trained model yet (no {'/'.join(stages)} model folder)")
+        record = steps.get(stage) or {}
+        if record.get("status") != "complete":
+            continue
+        folder = run_dir / record.get("output", stage)
+        if is_model_dir(folder) or is_adapter_dir(folder):
+            return folder
+    raise ModelError(
+        f"{run_dir}: the run has no trained model yet (no completed {'/'.join(stages)} stage); "
+        "run `medtune run RECIPE` first"
+    )
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder `path` is (or is a model folder inside), or None."""
+    p = Path(path).expanduser().resolve()
+    for candidate in (p, p.parent):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return None
 
 
 def resolve(path: str | Path) -> Path:
