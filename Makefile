@@ -98,3 +98,22 @@ browser:
 
 test-browser: $(STAMP) browser
 	$(BIN)/pytest -q tests/ui/test_web.py
+
+# --- export and Hub (medtune export ...) ----------------------------------------------------------
+# Repositories come from the recipe (export.hub.*) or .env (MEDTUNE_HF_MODEL_REPO, MEDTUNE_HF_DATASET_REPO),
+# the token from HF_TOKEN; repositories are created private. DRY=1 lists the files without uploading.
+.PHONY: gguf ollama hf-push-model hf-push-datasets
+
+gguf: $(STAMP)
+	$(BIN)/medtune export gguf $(RUN)
+
+ollama: $(STAMP)
+	$(BIN)/medtune export ollama $(RUN) --out $(RUN)/ollama
+
+# The run's final model, its GGUF files (runs/<name>/gguf) and the model card.
+hf-push-model: $(STAMP)
+	$(BIN)/medtune export push $(RUN) $(if $(DRY),--dry-run,)
+
+# The run's datasets (sft, dpo, test) and the dataset card.
+hf-push-datasets: $(STAMP)
+	$(BIN)/medtune export push $(RUN) --datasets $(if $(DRY),--dry-run,)
