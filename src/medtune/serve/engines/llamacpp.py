@@ -1,0 +1,366 @@
+"""The CPU serving engine for GGUF files: llama.cpp with continuous batching, same API as transformers.
+
+    medtune serve --engine llamacpp --model runs/aria/gguf/aria-dpo-q8_0.gguf
+    engine = LlamaCppEngine("model-q8_0.gguf", options=EngineOptions(max_batch_size=8)); engine.start()
+
+llama-cpp-python's `Llama` class (and its OpenAI server, `python -m llama_cpp.server`) decodes one
+sequence at a time and serialises concurrent requests behind a lock. llama.cpp itself batches many
+sequences in one `llama_decode` call (each token of a `llama_batch` carries its sequence id; every
+sequence has its own KV-cache slot), and llama-cpp-python exposes that low-level API. So this engine
+has its own scheduler thread, like the transformers engine: each step it decodes one token for every
+running request plus the prompt tokens of newly admitted ones (in chunks of at most `n_batch`), in a
+single `llama_decode`, then samples every row with the shared `choose_tokens` (same sampling, seeds,
+penalties, stop strings, streaming and logprobs as the transformers engine).
+
+Constrained decoding is xgrammar over llama.cpp's logits (the shared `medtune.serve.guided.Guide`), not
+llama.cpp's GBNF sampler: the same compiled grammar and the same compact JSON as the transformers
+engine, applied to a whole batch in one call (BENCHMARKS.md, export section, has the measurement).
+The Hugging Face tokenizer that xgrammar and incremental detokenisation need is rebuilt from the GGUF
+by transformers; prompts are tokenised by llama.cpp itself (the model's own tokenizer). LoRA adapters
+are not served per request here (llama.cpp applies an adapter to the whole context): fuse them first
+(`medtune export adapter --fuse`) or use the transformers engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtune.errors import ConfigError, ModelError
+from medtune.serve.engines.base import Engine, EngineOptions, GenerationRequest, GenerationResult, StreamDelta
+from medtune.serve.engines.sequence import Sequence, choose_tokens, only_stop_allowed
+from medtune.serve.errors import BadRequest, QueueFull, ServeError, ShuttingDown
+from medtune.serve.guided import Guide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """A running request: its Sequence, its llama.cpp sequence id, tokens still to feed, KV position."""
+
+    seq: Sequence
+    seq_id: int
+    pending: list[int]
+    n_past: int = 0
+    out_row: int = -1  # row of this step's logits, -1 when it produced none this step
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def gguf_file(model: str | Path) -> Path:
+    """The .gguf file named by `model` (a file, or a folder holding exactly one)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ModelError(f"--model: {path} holds {len(found)} .gguf files; name one of them")
+        path = found[0]
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ModelError(f"--model: {path} is not a .gguf file (export one: medtune export gguf RUN)")
+    return path
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(
+        self, model: str, adapters: dict[str, str] | None = None, options: EngineOptions | None = None
+    ) -> None:
+        if adapters:
+            raise ConfigError(
+                "--adapter: the llamacpp engine serves one fused model; merge the adapters first "
+                "(medtune export adapter DIR --fuse) or serve with --engine transformers"
+            )
+        self.model_path = str(model)
+        self.options = options or EngineOptions()
+        self.loaded = False
+        self._waiting: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._slots: list[_Slot] = []
+        self.decode_steps = 0  # llama_decode calls so far (each serves every running request)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.loaded:
+            return
+        try:
+            import llama_cpp
+            from llama_cpp import _internals
+        except ImportError:
+            raise ModelError(
+                "the llamacpp engine needs llama-cpp-python: pip install 'medtune[gguf]'"
+            ) from None
+        from transformers import AutoTokenizer
+
+        path = gguf_file(self.model_path)
+        opts = self.options
+        if opts.device not in ("auto", "cpu"):
+            raise ConfigError(f"--device {opts.device}: the llamacpp engine runs on the CPU here")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"--model: cannot read the tokenizer of {path}: {exc}") from None
+        from medtune.export.gguf import native_output
+
+        self._llama = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        try:
+            with native_output():
+                self._model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+        except ValueError as exc:
+            raise ModelError(f"--model: llama.cpp cannot load {path}: {exc}") from None
+        vocab = self._model.vocab
+        self.vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        train_ctx = self._model.n_ctx_train()
+        self._max_context = min(opts.max_model_len or train_ctx, train_ctx)
+        self.n_seq = opts.max_batch_size
+        threads = opts.threads or max(1, os.cpu_count() or 1)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = False  # one KV slot of max_context cells per sequence
+        cparams.n_ctx = self._max_context * self.n_seq
+        cparams.n_batch = cparams.n_ubatch = max(512, min(self._max_context, 2048))
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        with native_output():
+            self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+        self.n_batch = cparams.n_batch
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self.add_bos = self._model.add_bos_token()
+        self.bos_id = self._model.token_bos()
+        self.eos_ids = {self._model.token_eos()}
+        # Everything llama.cpp ends generation on (eos, eot, <|im_end|>, <end_of_turn>, ...).
+        self.eog_ids = {t for t in range(self.vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+        self.turn_end_texts = self._turn_end_texts()
+        self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=sorted(self.eog_ids))
+        self._bitmask = self.guide.allocate(self.n_seq)
+        self._free_ids = list(range(self.n_seq))
+        self.loaded = True
+        self._thread = threading.Thread(target=self._run, name="medtune-llamacpp", daemon=True)
+        self._thread.start()
+        log.info("llamacpp engine: %s, context %d, %d parallel sequences, %d threads",
+                 path, self._max_context, self.n_seq, threads)  # fmt: skip
+
+    def _turn_end_texts(self) -> list[str]:
+        """End-of-turn markers of the chat template that are not one token (stop strings for chats)."""
+        from medtune.data.templates import end_of_turn_tokens
+        from medtune.errors import MedtuneError
+
+        try:
+            ends = end_of_turn_tokens(self.tokenizer)
+        except MedtuneError:  # no chat template: only plain completions make sense
+            return []
+        return [t for t in ends if len(self.encode(t, add_bos=False)) != 1]
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for seq in list(self._waiting) + [s.seq for s in self._slots]:
+            seq.deliver(ShuttingDown("the server stopped before this request finished"))
+        self._waiting.clear()
+        self._slots = []
+        if self.loaded:
+            from medtune.export.gguf import native_output
+
+            with native_output():  # llama.cpp reports its buffers on stderr when freeing them
+                self._llama.llama_batch_free(self._batch)
+                self._ctx.close()
+                self._model.close()
+            self.loaded = False
+
+    def health(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "engine": self.name, "model": self.model_path,
+                "parallel": getattr(self, "n_seq", None), "context": getattr(self, "_max_context", None)}  # fmt: skip
+
+    # -- text ----------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool) -> list[int]:
+        """llama.cpp's own tokenisation (special tokens in the text are parsed as such)."""
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text, add_bos=False))
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._slots)
+
+    def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
+        if not self.loaded or self._stopping:
+            raise ShuttingDown("the model is not loaded or the server is stopping")
+        if req.adapter is not None:
+            raise BadRequest("the llamacpp engine serves no adapters", param="model")
+        chat = req.prompt is None
+        # Chat prompts carry what the template puts at the start; a plain prompt gets BOS like HF's.
+        prompt_ids = self.encode(self.prompt_text(req), add_bos=self.add_bos and not chat)
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
+        matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
+        seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, self.eog_ids if chat else self.eos_ids,
+                       loop)  # fmt: skip
+        if chat and self.turn_end_texts:
+            seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
+        return seq
+
+    def _submit(self, seq: Sequence, bounded: bool) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is stopping")
+            if bounded and len(self._waiting) >= self.options.max_queue:
+                raise QueueFull(f"the request queue is full ({self.options.max_queue} waiting, "
+                                f"{len(self._slots)} running); retry later")  # fmt: skip
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        return self._stream(req, bounded=True)
+
+    async def _stream(self, req: GenerationRequest, bounded: bool) -> AsyncIterator[StreamDelta]:
+        seq = self._prepare(req, asyncio.get_running_loop())
+        self._submit(seq, bounded)
+        if self.options.log_prompts:
+            log.info("request %s prompt: %r", req.request_id, self.prompt_text(req))
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    if self.options.log_prompts:
+                        log.info("request %s completion: %r", req.request_id, seq.text)
+                    return
+        finally:
+            seq.cancel()  # frees the slot if the client went away or timed out
+
+    def generate_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        """Offline batch: every request is queued at once (no 429), results in input order."""
+        self.start()
+
+        async def one(req: GenerationRequest) -> GenerationResult:
+            text, ids, last = [], [], StreamDelta(text="")
+            async for delta in self._stream(req, bounded=False):
+                text.append(delta.text)
+                ids.extend(delta.token_ids)
+                last = delta
+            return GenerationResult("".join(text), ids, last.finish_reason or "stop", last.prompt_tokens,
+                                    last.completion_tokens)  # fmt: skip
+
+        async def run() -> list[GenerationResult]:
+            return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+        return asyncio.run(run())
+
+    # -- scheduler thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._slots:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._admit()
+                try:
+                    self._release_finished()
+                    if self._slots:
+                        self._step()
+                except Exception as exc:  # a bug: fail the running requests, keep serving new ones
+                    log.exception("llama.cpp decoding step failed")
+                    for slot in self._slots:
+                        if not slot.seq.finished:
+                            slot.seq.deliver(ServeError(f"decoding failed: {type(exc).__name__}"))
+                            slot.seq.cancel()
+                    self._release_finished()
+
+    def _admit(self) -> None:
+        """Give waiting requests a free sequence id (caller holds the condition)."""
+        while self._waiting and self._free_ids:
+            seq = self._waiting.popleft()
+            if not seq.cancelled:
+                self._slots.append(_Slot(seq, self._free_ids.pop(), list(seq.prompt_ids)))
+
+    def _release_finished(self) -> None:
+        keep = []
+        for slot in self._slots:
+            if slot.seq.finished:
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                self._free_ids.append(slot.seq_id)
+            else:
+                keep.append(slot)
+        self._slots = keep
+
+    def _step(self) -> None:
+        """One llama_decode over every running request: a token each, plus chunks of new prompts."""
+        batch, room, n = self._batch, self.n_batch, 0
+        for slot in sorted(self._slots, key=lambda s: len(s.pending)):  # decoding rows first
+            take = slot.pending[:room - n] if slot.pending else []  # fmt: skip
+            slot.out_row = -1
+            for k, token in enumerate(take):
+                batch.token[n] = token
+                batch.pos[n] = slot.n_past + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = k == len(slot.pending) - 1  # logits only after a whole prompt
+                n += 1
+            slot.n_past += len(take)
+            slot.pending = slot.pending[len(take) :]
+            slot.meta["logit_at"] = n - 1 if take and not slot.pending else None
+            if n == room:
+                break
+        batch.n_tokens = n
+        rc = self._llama.llama_decode(self._ctx.ctx, batch)
+        self.decode_steps += 1
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        ready = [s for s in self._slots if s.meta.get("logit_at") is not None]
+        if not ready:
+            return
+        ready.sort(key=lambda s: s.meta["logit_at"])  # llama.cpp returns logits in batch order
+        ptr = self._llama.llama_get_logits(self._ctx.ctx)
+        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(len(ready), self.vocab)).copy())
+        seqs = [s.seq for s in ready]
+        chosen = choose_tokens(logits, seqs, self.guide, self._bitmask, self.tokenizer)
+        for row, (slot, (token, logprob)) in enumerate(zip(ready, chosen, strict=True)):
+            seq = slot.seq
+            if seq.cancelled:
+                continue
+            delta = seq.append(token, logprob)
+            if not seq.finished and only_stop_allowed(self.guide, self._bitmask, row, seq, self.vocab):
+                done = seq.finish_completed()  # a complete constrained answer: no decode step needed
+                delta.text += done.text
+                delta.finish_reason = done.finish_reason
+            if delta is not None:
+                seq.deliver(delta)
+            if not seq.finished:
+                slot.pending = [token]

@@ -1,0 +1,132 @@
+"""The llamacpp engine on a GGUF export of the tiny SFT model: fidelity, batching, constraints, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures_models import tiny_chat_records
+from medtune.errors import ConfigError
+from medtune.serve.engines.base import Constraint, EngineOptions, GenerationRequest, SamplingParams
+from medtune.serve.errors import BadRequest
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.gguf
+
+ARIA_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "pathologie": {"type": "string"},
+        "confiance": {"type": "string", "enum": ["élevée", "modérée", "faible"]},
+        "justification": {"type": "string"},
+    },
+    "required": ["pathologie", "confiance", "justification"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def sft_gguf(tiny_sft_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medtune.export.gguf import export_gguf
+
+    return export_gguf(tiny_sft_model_dir, tmp_path_factory.mktemp("sft_gguf") / "sft-f16.gguf", "f16").path
+
+
+@pytest.fixture(scope="module")
+def engine(sft_gguf: Path):
+    from medtune.serve.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(str(sft_gguf), options=EngineOptions(max_batch_size=4, max_queue=2, threads=2))
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def _chat(n: int, records_seed: int = 7, **sampling) -> list[GenerationRequest]:
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("max_tokens", 48)
+    return [
+        GenerationRequest(messages=r["messages"][:2], sampling=SamplingParams(**sampling))
+        for r in tiny_chat_records(n, records_seed)
+    ]
+
+
+def test_greedy_answers_equal_the_hf_model(engine, tiny_sft_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtune.data.templates import render_chat
+    from medtune.train.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_sft_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft_model_dir).eval()
+    reqs = _chat(6)
+    ours = engine.generate_batch(reqs)
+    for req, result in zip(reqs, ours, strict=True):
+        ids = tok(render_chat(req.messages, tok, add_generation_prompt=True), add_special_tokens=False,
+                  return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_token_id)
+        expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert result.text == expected
+        assert result.prompt_tokens == ids.shape[1]
+    assert any(r.text.strip() for r in ours), "the SFT model answered nothing: the comparison is empty"
+
+
+def test_batched_equals_one_at_a_time_and_decodes_together(engine):
+    reqs = _chat(4, records_seed=11)
+    steps = engine.decode_steps
+    together = engine.generate_batch(reqs)
+    batched_steps = engine.decode_steps - steps
+    alone = [engine.generate_batch([r])[0] for r in reqs]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    # Four requests in one llama_decode per step: far fewer steps than one request after another.
+    assert batched_steps < sum(r.completion_tokens for r in alone)
+
+
+def test_streamed_text_equals_the_whole_answer(engine):
+    req = _chat(1, records_seed=5)[0]
+
+    async def collect() -> list[str]:
+        return [d.text async for d in engine.stream(req)]
+
+    pieces = asyncio.run(collect())
+    assert "".join(pieces) == engine.generate_batch([req])[0].text
+
+
+def test_json_schema_is_always_valid_at_the_diagnosis_temperature(engine):
+    from jsonschema import validate
+
+    reqs = _chat(12, records_seed=3, temperature=0.1, max_tokens=256, seed=1)
+    for r in reqs:
+        r.constraint = Constraint("json_schema", ARIA_SCHEMA)
+    for result in engine.generate_batch(reqs):
+        assert result.finish_reason == "stop"
+        validate(json.loads(result.text), ARIA_SCHEMA)
+        assert "\\u00e9" not in result.text  # non-ASCII stays UTF-8
+
+
+def test_bad_requests_are_refused_before_decoding(engine):
+    too_long = GenerationRequest(
+        prompt="a " * (engine.max_context + 10), sampling=SamplingParams(max_tokens=4)
+    )
+    with pytest.raises(BadRequest, match="longer than the model's context"):
+        engine.generate_batch([too_long])
+    greedy = _chat(1, max_tokens=engine.max_context * 2)
+    with pytest.raises(BadRequest, match="max_tokens"):
+        engine.generate_batch(greedy)
+    bad_schema = _chat(1)[0]
+    bad_schema.constraint = Constraint("json_schema", {"type": "object", "not": {"required": ["x"]}})
+    with pytest.raises(BadRequest, match="'not'"):
+        engine.generate_batch([bad_schema])
+    assert engine.generate_batch(_chat(1))[0].finish_reason in ("stop", "length")  # still serving
+
+
+def test_adapters_are_refused_with_a_way_out(sft_gguf):
+    from medtune.serve.engines.llamacpp import LlamaCppEngine
+
+    with pytest.raises(ConfigError, match="--fuse"):
+        LlamaCppEngine(str(sft_gguf), adapters={"derm": "adapters/derm"})
