@@ -120,3 +120,17 @@ def test_lora_wraps_only_adapters_as_trainable(tiny_model_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert tokenizer.chat_template
+
+
+@pytest.mark.parametrize(("template", "end_of_turn"), [("llama3", "<|eot_id|>"), ("mistral", "</s>")])
+def test_other_templates_get_their_markers_as_tokens(tmp_path, template, end_of_turn):
+    path = build_embedded_model(TEXTS * 20, EmbeddedModelConfig(size="tiny", vocab_size=400), tmp_path / "m",
+                                chat_template=template)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.eos_token == end_of_turn
+    messages = [{"role": "user", "content": "Diagnostic ?"}, {"role": "assistant", "content": "Fasciite"}]
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    trained = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tokenizer.eos_token_id in trained  # the model learns to emit its end-of-turn token
+    for marker in ("<|start_header_id|>", "<|end_header_id|>") if template == "llama3" else ():
+        assert len(tokenizer.encode(marker)) == 1

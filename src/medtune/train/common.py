@@ -96,7 +96,7 @@ def trainer_arguments(
         "max_grad_norm": stage.max_grad_norm,
         "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16,
-        "gradient_checkpointing": stage.gradient_checkpointing,
+        "activation_checkpointing": stage.gradient_checkpointing,  # transformers 5 name of the option
         "seed": seed,
         "data_seed": seed,
         "logging_steps": stage.logging_steps,

@@ -35,21 +35,50 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "small": (192, 4, 4, 512),
     "base": (384, 6, 6, 1024),
 }
-IM_START, IM_END, PAD, UNK, BOS = "<|im_start|>", "<|im_end|>", "<pad>", "<unk>", "<s>"
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 
 
 # --------------------------------------------------------------------------------------------------
 # The embedded model
 
 
-def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int) -> bytes:
+def template_special_tokens(chat_template: str) -> tuple[str, str, list[str]]:
+    """(Jinja source, end-of-turn token, other marker tokens) of a template name or Jinja string.
+
+    The end-of-turn token is the marker the template writes right after an assistant answer (chatml:
+    <|im_end|>, llama3: <|eot_id|>, gemma: <end_of_turn>); templates that end turns with the eos
+    token itself (mistral, alpaca, ...) get "</s>".
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from medtune.data.templates import TEMPLATE_TOKENS, get_template
+
+    if "{%" in chat_template:
+        template = chat_template
+        markers = sorted({t for tokens in TEMPLATE_TOKENS.values() for t in tokens if t in template})
+    else:
+        template = get_template(chat_template)
+        markers = next((list(t) for name, t in TEMPLATE_TOKENS.items() if get_template(name) == template), [])
+    sentinel = "\u2063answer\u2063"
+    turns = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": sentinel},
+        {"role": "user", "content": "?"},
+    ]
+    rendered, _ = render_jinja_template([turns], chat_template=template, bos_token=BOS, eos_token=EOS)
+    after = rendered[0].split(sentinel, 1)[1].lstrip()
+    eot = next((m for m in markers if after.startswith(m)), EOS)
+    return template, eot, [m for m in markers if m != eot]
+
+
+def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int, eos: str, symbols: list[str]) -> bytes:
     """A Llama-style SentencePiece BPE model trained on `texts`, returned as the serialized proto."""
     import sentencepiece as spm
 
     # One sentence per line; the chat markers are symbols of their own and must not eat merges.
     lines = []
     for text in texts:
-        for marker in (IM_START, IM_END):
+        for marker in (eos, *symbols):
             text = text.replace(marker, "\n")
         lines.extend(line for line in text.split("\n") if line.strip())
     if not lines:
@@ -79,9 +108,9 @@ def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int) -> bytes:
             pad_id=3,
             unk_piece=UNK,
             bos_piece=BOS,
-            eos_piece=IM_END,  # the end-of-turn token is the model's eos: generation stops on it
+            eos_piece=eos,  # the template's end-of-turn token is the model's eos: generation stops on it
             pad_piece=PAD,
-            user_defined_symbols=[IM_START],
+            user_defined_symbols=symbols,  # the template's other markers: one token each
             input_sentence_size=200_000,
             shuffle_input_sentence=True,
             seed_sentencepiece_size=1_000_000,
@@ -122,19 +151,15 @@ def build_embedded_model(
 ) -> Path:
     """Train a tokenizer on `texts`, build a randomly initialised Llama model, save both to `out_dir`.
 
-    `chat_template` is a template name from `medtune.data.templates` (or a Jinja string). The folder is
-    written atomically: it is complete or absent.
+    `chat_template` is a template name from `medtune.data.templates` (or a Jinja string); its marker
+    strings become single tokens and its end-of-turn token the eos. The folder is written atomically:
+    it is complete or absent.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    if "{%" in chat_template:
-        template = chat_template
-    else:
-        from medtune.data.templates import get_template
-
-        template = get_template(chat_template)
+    template, eot, symbols = template_special_tokens(chat_template)
     dims = embedded_dimensions(cfg)
-    proto = _train_sentencepiece(list(texts), cfg.vocab_size, seed)
+    proto = _train_sentencepiece(list(texts), cfg.vocab_size, seed, eot, symbols)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "tokenizer.model").write_bytes(proto)
@@ -146,7 +171,7 @@ def build_embedded_model(
             add_prefix_space=False,  # matches add_dummy_prefix=False in the proto
             legacy=False,
             bos_token=BOS,
-            eos_token=IM_END,
+            eos_token=eot,
             pad_token=PAD,
             unk_token=UNK,
             model_max_length=cfg.max_position_embeddings,
@@ -324,7 +349,10 @@ def load_model(
             return peft_cls.from_pretrained(source, dtype=dtype, **kwargs).merge_and_unload()
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            from accelerate import PartialState
+
+            # One whole copy per process (under `accelerate launch` each process has its own GPU).
+            kwargs["device_map"] = {"": PartialState().local_process_index}
         return _auto_class(kind).from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelError(f"model {source!r}: cannot load it: {exc}") from None
