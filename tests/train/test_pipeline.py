@@ -99,6 +99,15 @@ def test_pipeline_runs_end_to_end_and_writes_the_manifest(finished: Path) -> Non
         assert len(rows) == 4, name
         assert all(r["prediction"].startswith('{"pathologie": "') for r in rows), name
     assert m["steps"]["eval"]["test_cases"] == 4
+    # The last model is checked against the targets (the recipe's 95% is far off after 2 DPO steps)
+    # and the run report is written.
+    targets = {t["metric"]: t for t in m["targets"]}
+    assert (
+        targets["pathology_exact_match"]["threshold"] == 0.95
+        and targets["pathology_exact_match"]["passed"] is False
+    )
+    assert (run_dir / m["steps"]["eval"]["report"]).name == "report.md"
+    assert (run_dir / m["steps"]["eval"]["report"]).is_file()
 
 
 def test_split_and_test_set_do_not_overlap(finished: Path) -> None:

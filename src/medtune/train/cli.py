@@ -26,12 +26,6 @@ from medtune.errors import ConfigError
 STAGES = ("pt", "sft", "dpo")
 # Headline numbers shown as percentages: rates in [0, 1] reported by the task scorers.
 _NOT_RATES = {"n"}
-# Metrics where a smaller value is better (targets are maxima for these, minima otherwise).
-_LOWER_IS_BETTER = ("false_positive", "error", "truncated", "latency", "_s")
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(metric.endswith(s) if s == "_s" else s in metric for s in _LOWER_IS_BETTER)
 
 
 def _fmt(metric: str, value: Any) -> str:
@@ -68,7 +62,11 @@ def eval_table(manifest: dict[str, Any]) -> Table | None:
     if not step or not step.get("models"):
         return None
     models = step["models"]
-    targets = manifest.get("recipe", {}).get("eval", {}).get("targets", {})
+    from medtune.eval.report import recipe_targets
+
+    targets = {
+        t.metric: t for t in recipe_targets(manifest.get("recipe", {}).get("eval", {}).get("targets", {}))
+    }
     title = f"{manifest['name']}: {step.get('task')} on {step.get('test_cases')} held-out cases"
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
@@ -81,11 +79,10 @@ def eval_table(manifest: dict[str, Any]) -> Table | None:
         cells = [_fmt(metric, models[name]["metrics"].get(metric)) for name in models]
         target = ""
         if metric in targets:
-            value = models[final]["metrics"].get(metric)
-            low = lower_is_better(metric)
-            ok = value is not None and (value <= targets[metric] if low else value >= targets[metric])
+            t = targets[metric]
+            ok = t.check(models[final]["metrics"].get(metric))
             verdict = "[green]pass[/]" if ok else "[red]FAIL[/]"
-            target = f"{'<=' if low else '>='} {_fmt(metric, float(targets[metric]))} {verdict}"
+            target = f"{t.op} {_fmt(metric, t.threshold)} {verdict}"
         table.add_row(metric, *cells, target)
     return table
 

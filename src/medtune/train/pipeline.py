@@ -332,7 +332,20 @@ class _Run:
             self.manifest.fail("eval", exc)
             raise
         self.manifest.complete("eval", models=results, test_cases=len(examples), task=recipe.task)
+        self.report(results)
         self.result.ran.append("eval")
+
+    def report(self, results: dict[str, Any]) -> None:
+        """Targets of the last model (the seed's and the recipe's) and the run report (report/)."""
+        from medtune.eval.report import check_targets, write_run_report
+
+        final = results[list(results)[-1]]["metrics"] if results else {}
+        checked = check_targets(self.recipe.task, final, self.recipe.eval.targets)
+        self.manifest.data["targets"] = [t for t in checked if t["passed"] is not None]
+        self.manifest.steps["eval"]["report"] = _rel(
+            write_run_report(self.run_dir, self.manifest), self.run_dir
+        )
+        self.manifest.save()
 
     def _evaluate(self, name: str, path: str, key: str, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from medtune.eval.local import evaluate_model

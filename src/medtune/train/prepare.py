@@ -192,15 +192,26 @@ def read_split(path: Path | None, *, prompt_only: bool = False) -> list[dict[str
     return load_records(path, "auto", prompt_only=prompt_only)
 
 
-def corpus_texts(files: RunData) -> list[str]:
-    """Every training text (message contents, raw texts) for the embedded model's tokenizer.
-    Validation files are included (they are training-side data); the test set never is."""
+def corpus_texts(files: RunData, chat_template: str = "chatml") -> list[str]:
+    """The training texts rendered as the model will see them (conversations through the chat template,
+    raw texts as they are): the embedded model's tokenizer corpus, so role names and markers get tokens
+    of their own. Validation files are included (training-side data); the test set never is."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from medtune.data.templates import get_template
+
+    template = chat_template if "{%" in chat_template else get_template(chat_template)
     texts: list[str] = []
+    chats: list[list[dict[str, Any]]] = []
     for path in [*files.train.values(), *files.validation.values()]:
         for record in read_split(path) or []:
             if "text" in record:
                 texts.append(record["text"])
-            for key in ("messages", "prompt", "chosen", "rejected"):
-                for message in record.get(key) or []:
-                    texts.append(message["content"])
+            elif "messages" in record:
+                chats.append(record["messages"])
+            else:
+                chats += [record["prompt"] + record["chosen"], record["prompt"] + record["rejected"]]
+    if chats:
+        rendered, _ = render_jinja_template(chats, chat_template=template, bos_token="", eos_token="")
+        texts += rendered
     return texts
