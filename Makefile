@@ -117,3 +117,14 @@ hf-push-model: $(STAMP)
 # The run's datasets (sft, dpo, test) and the dataset card.
 hf-push-datasets: $(STAMP)
 	$(BIN)/medtune export push $(RUN) --datasets $(if $(DRY),--dry-run,)
+
+# --- evaluation and benchmarks (medtune eval / bench) ---------------------------------------------
+# ARIA exact match + JSON validity on the run's 300 held-out cases, then a latency sweep (concurrency
+# 1,2,4,8,16; 64 requests each), against the server at MEDTUNE_HOST:MEDTUNE_PORT. A server already
+# running there (`make serve-ft` in another terminal) is measured as is; otherwise the benchmark
+# starts `medtune serve --model $(RUN)/dpo --served-name aria-ft` on that port and stops it at the
+# end. Report: $(RUN)/benchmark/report.{md,html}, results.json. BENCH_WRITE=1 also updates BENCHMARKS.md.
+.PHONY: benchmark
+
+benchmark: $(STAMP)
+	$(BIN)/python bench/eval_bench.py --run $(RUN) $(if $(BENCH_WRITE),--write,)
