@@ -102,7 +102,10 @@ def test_validation_set_and_early_stopping(tiny_model_dir, tmp_path):
     )
     assert "eval_loss" in result.metrics and torch.isfinite(torch.tensor(result.metrics["eval_loss"]))
     history = json.loads((tmp_path / "log_history.json").read_text())
-    assert [h["step"] for h in history if "eval_loss" in h][:1] == [4]
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    assert sorted(evals)[:3] == [4, 8, 12]
+    # With early stopping the kept model is the best one on validation (its checkpoint was reloaded).
+    assert result.metrics["eval_loss"] == pytest.approx(min(evals.values()), rel=1e-4)
 
 
 def test_bad_records_and_hardware_fail_before_training(tiny_model_dir, tmp_path, monkeypatch):
