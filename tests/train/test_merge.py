@@ -83,3 +83,19 @@ def test_quantized_base_without_gpu_is_a_clear_error(adapter_dir, tiny_sft_model
 def test_not_an_adapter(tmp_path):
     with pytest.raises(ModelError, match="not a LoRA adapter"):
         merge_adapter(tmp_path, tmp_path / "out")
+
+
+def test_adapter_on_an_unmerged_adapter(adapter_dir, tiny_sft_model_dir, tmp_path):
+    """A second LoRA trained on top of an unmerged one (merge: false): both are fused into one model."""
+    stage = StageConfig(method="lora", max_steps=2, learning_rate=2e-2, batch_size=8, save_steps=1000)
+    records = tiny_chat_records(8, seed=4)
+    second = train_sft(adapter_dir, records, None, stage, ModelConfig(), tmp_path / "s", seed=0).output_dir
+    merged_dir = merge_adapter(second, tmp_path / "merged", base_model=str(adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = torch.tensor([tokenizer("Mesures du coureur")["input_ids"]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_sft_model_dir)
+        first = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        expected = PeftModel.from_pretrained(first, str(second)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)

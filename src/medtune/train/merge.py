@@ -25,6 +25,7 @@ from medtune.train.models import (
     bitsandbytes_available,
     cuda_available,
     is_adapter_dir,
+    load_model,
     load_tokenizer,
     save_tokenizer,
 )
@@ -78,7 +79,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base_model: s
         raise ModelError(f"merge: {adapter_dir}/adapter_config.json names no base model; pass base_model=")
     base = _check_model_path(base)
     is_seq2seq = str(peft_config.task_type) in ("SEQ_2_SEQ_LM", "TaskType.SEQ_2_SEQ_LM")
-    model = _load_base(base, is_seq2seq)
+    # The base may itself be an unmerged adapter (e.g. DPO on an SFT adapter kept with merge: false).
+    model = load_model(base) if is_adapter_dir(base) else _load_base(base, is_seq2seq)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     # The tokenizer saved with the adapter (it carries the chat template used in training), else the base's.
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
