@@ -39,3 +39,33 @@ def test_percentiles_interpolate():
     assert percentile(values, 50) == pytest.approx(50.5)
     assert percentile(values, 99) == pytest.approx(99.01)
     assert percentile([], 50) is None
+
+
+def test_sweep_at_two_concurrency_levels_against_the_server(live_server, tmp_path):
+    from medtune.eval.bench import run_bench
+    from medtune.eval.report import write_report
+    from medtune.tasks import get_task
+
+    result = run_bench(
+        get_task("aria"), tmp_path, endpoint=live_server.base_url, model=live_server.served_name,
+        api_key=live_server.api_key, levels=[1, 2], requests=6,
+    )  # fmt: skip
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 2]
+    for lv in result["levels"]:
+        assert lv["errors"] == 0 and len(lv["latencies_s"]) == 6 and len(lv["ttfts_s"]) == 6
+        assert 0 < lv["ttft_p50_s"] <= lv["latency_p50_s"] <= lv["latency_p99_s"]
+        assert lv["tokens_per_s"] > 0 and lv["requests_per_s"] > 0
+    # The server's Prometheus process collector gives its resident memory.
+    assert result["peak_resident_memory_bytes"] > 50e6
+    write_report(tmp_path)
+    for name in ("latency_hist", "latency_cdf", "throughput"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 2000
+
+
+def test_sweep_with_a_wrong_key_says_so(live_server, tmp_path):
+    from medtune.eval.bench import run_bench
+    from medtune.tasks import get_task
+
+    with pytest.raises(ConfigError, match="401"):
+        run_bench(get_task("aria"), tmp_path, endpoint=live_server.base_url, model="aria-ft", api_key="wrong",
+                  levels=[1], requests=1)  # fmt: skip

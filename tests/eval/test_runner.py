@@ -99,3 +99,52 @@ def test_killed_eval_resumes_without_repeating_answers(tiny_model_dir, tmp_path)
     assert keys[: len(first)] == first  # answers written before the kill were kept, not redone
     assert len(keys) == len(set(keys)) == 16  # the re-run sent only the missing requests
     assert json.loads((out / "eval.json").read_text(encoding="utf-8"))["answered"] == 16
+
+
+def test_endpoint_eval_writes_answers_and_a_report_with_plots(live_server, tmp_path):
+    from medtune.eval.report import write_report
+
+    task = get_task("aria")
+    examples = task.generate_test(12, seed=6)
+    result = run_eval(
+        task, examples, tmp_path, endpoint=live_server.base_url, model=live_server.served_name,
+        api_key=live_server.api_key, concurrency=4, show_progress=False,
+    )  # fmt: skip
+    assert result["answered"] == 12 and result["errors"] == 0
+    # The production request is constrained by the aria schema: every answer is valid JSON.
+    assert result["metrics"]["json_valid"] == 1.0
+    assert len(result["latencies_s"]) == 12
+    md = write_report(tmp_path)
+    png = tmp_path / "plots" / "confusion.png"
+    assert png.stat().st_size > 2000 and "plots/confusion.png" in md.read_text(encoding="utf-8")
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert {t["metric"]: t["passed"] for t in results["targets"]}["json_valid"] is True
+
+
+def test_killed_endpoint_eval_resumes_without_repeating_requests(live_server, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "medtune.cli", "eval", "--task", "aria", "--generate", "16", "--seed", "8",
+           "--endpoint", live_server.base_url, "--model", live_server.served_name, "--api-key",
+           live_server.api_key, "--concurrency", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / PREDICTIONS).exists() and len(_keys(out)) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the eval finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = _keys(out)
+    assert 3 <= len(first) < 16
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = _keys(out)
+    assert keys[: len(first)] == first
+    assert len(keys) == len(set(keys)) == 16
+    assert json.loads((out / "eval.json").read_text(encoding="utf-8"))["metrics"]["json_valid"] == 1.0
