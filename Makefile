@@ -128,3 +128,23 @@ hf-push-datasets: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python bench/eval_bench.py --run $(RUN) $(if $(BENCH_WRITE),--write,)
+
+# --- training (medtune train / run) ---------------------------------------------------------------
+# The seed's two phases on $(RECIPE): SFT, then DPO on the SFT model (merged into $(RUN)/sft and $(RUN)/dpo),
+# or the whole pipeline with the base-vs-SFT-vs-DPO evaluation (train-all, the same as `make demo`).
+# Steps already done with the same inputs are skipped; RESUME=1 continues an interrupted stage from its
+# newest checkpoint. Never train and serve on one GPU at once. Several GPUs: see recipes/accelerate/.
+.PHONY: train-sft train-dpo train-all bench-train
+
+train-sft: $(STAMP)
+	$(BIN)/medtune train $(RECIPE) --stage sft $(if $(RESUME),--resume,)
+
+train-dpo: $(STAMP)
+	$(BIN)/medtune train $(RECIPE) --stage dpo $(if $(RESUME),--resume,)
+
+train-all: $(STAMP)
+	$(BIN)/medtune run $(RECIPE) $(if $(RESUME),--resume,)
+
+# `make demo` (aria) and the headache recipe timed from scratch; BENCH_WRITE=1 updates BENCHMARKS.md.
+bench-train: $(STAMP)
+	$(BIN)/python bench/train_demo.py $(if $(BENCH_WRITE),--write,)
