@@ -30,6 +30,9 @@ class EchoBackend(Backend):
         super().__init__()
         self.seen: list[ChatRequest] = []
 
+    def describe(self) -> str:
+        return "echo (test double)"
+
     def models(self) -> list[str]:
         return ["echo"]
 

@@ -72,6 +72,10 @@ class Backend(ABC):
     # -- implemented by each backend -------------------------------------------------------------------
 
     @abstractmethod
+    def describe(self) -> str:
+        """One line for people: which model answers, and where it runs."""
+
+    @abstractmethod
     def models(self) -> list[str]:
         """Model names a request may pick: the default first, then adapters or other served models."""
 
@@ -175,6 +179,7 @@ class LocalBackend(Backend):
         path = resolve_model(model)  # a run folder -> its newest merged stage, as `medtune serve` does
         name = engine or ("llamacpp" if path.suffix == ".gguf" else "transformers")
         self.engine = create_engine(name, str(path), adapters=adapters or {}, options=EngineOptions())
+        self.path, self.engine_name = path, name
         self.default_model = "base"
         super().__init__()
         # Start on the loop thread: an engine may bind its scheduler to the loop that starts it.
@@ -182,6 +187,9 @@ class LocalBackend(Backend):
 
     async def _astart(self) -> None:
         self.engine.start()
+
+    def describe(self) -> str:
+        return f"{self.path} (loaded in this process, {self.engine_name} engine)"
 
     def models(self) -> list[str]:
         return [self.default_model, *self.engine.list_adapters()]
@@ -250,6 +258,9 @@ class RemoteBackend(Backend):
         if not names:
             raise ModelError(f"{self.endpoint}: the server lists no models")
         return names
+
+    def describe(self) -> str:
+        return f"{self.default_model} at {self.endpoint}"
 
     def models(self) -> list[str]:
         return [self.default_model, *(m for m in self._served if m != self.default_model)]

@@ -78,7 +78,7 @@ def build_app(backend: Backend, title: str = "medtune") -> gr.Blocks:
     models = backend.models()
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
-        gr.Markdown(f"# {title}\nAnswers from **{backend.default_model}** ({type(backend).__name__}).")
+        gr.Markdown(f"# {title}\nAnswers from `{backend.describe()}`.")
         with gr.Row():
             model = gr.Dropdown(models, value=models[0], label="Model or adapter", elem_id="model")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (chat)")
