@@ -69,3 +69,16 @@ def test_sweep_with_a_wrong_key_says_so(live_server, tmp_path):
     with pytest.raises(ConfigError, match="401"):
         run_bench(get_task("aria"), tmp_path, endpoint=live_server.base_url, model="aria-ft", api_key="wrong",
                   levels=[1], requests=1)  # fmt: skip
+
+
+def test_gpu_memory_from_nvidia_smi_when_present(tmp_path, monkeypatch):
+    import asyncio
+
+    from medtune.eval.bench import nvidia_smi_memory
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert asyncio.run(nvidia_smi_memory()) is None  # no GPU driver: nothing reported
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 1024\necho 512\n")
+    fake.chmod(0o755)
+    assert asyncio.run(nvidia_smi_memory()) == 1536 * 1024 * 1024  # MiB on two GPUs, summed

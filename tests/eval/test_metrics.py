@@ -143,3 +143,12 @@ def test_term_list_file(tmp_path):
         read_terms(tmp_path / "empty.txt")
     with pytest.raises(DataError, match="cannot read"):
         read_terms(tmp_path / "missing.txt")
+
+
+def test_headache_headline_metrics_get_intervals():
+    headache = get_task("headache")
+    examples = headache.generate_test(30, seed=2)
+    m = score_predictions(headache, examples, [ex["reference"] for ex in examples])
+    assert m["format_compliance"] == 1.0 and m["false_positive_rate"] == 0.0
+    assert m["ci"]["red_flag_sensitivity"] == [1.0, 1.0]
+    assert m["ci"]["false_positive_rate"] == [0.0, 0.0]

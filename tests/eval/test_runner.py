@@ -148,3 +148,23 @@ def test_killed_endpoint_eval_resumes_without_repeating_requests(live_server, tm
     assert keys[: len(first)] == first
     assert len(keys) == len(set(keys)) == 16
     assert json.loads((out / "eval.json").read_text(encoding="utf-8"))["metrics"]["json_valid"] == 1.0
+
+
+def test_qa_eval_reads_alpaca_and_scores_free_text(tiny_model_dir, tmp_path):
+    from medtune.eval.metrics import QaTask
+
+    data = tmp_path / "derm.jsonl"
+    rows = [
+        {"instruction": "Diagnostic d'une lésion érythémato-squameuse en plaques ?", "input": "",
+         "output": "Psoriasis vulgaris : plaques bien délimitées."},
+        {"instruction": "Critères du mélanome ?", "input": "", "output": "Critères ABCDE, biopsie excisionnelle."},
+    ]  # fmt: skip
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    task = QaTask(terms=["psoriasis", "biopsie"], max_tokens=12)
+    examples = read_examples(data, task)
+    assert examples[0]["messages"][-1] == {"role": "assistant", "content": rows[0]["output"]}
+    result = run_eval(task, examples, tmp_path / "out", model_path=tiny_model_dir, show_progress=False)
+    m = result["metrics"]
+    assert result["answered"] == 2
+    assert 0.0 <= m["bleu"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0 and 0.0 <= m["terminology_coverage"] <= 1.0
+    assert set(m["ci"]) >= {"bleu", "rouge_l"}

@@ -12,7 +12,8 @@ error rate. Errors are not retried here: a server that sheds load must show it.
 
 Memory: while the sweep runs, the server's Prometheus `/metrics` is polled and the largest
 `process_resident_memory_bytes` (the default process collector) is kept as the peak resident memory,
-with any `*gpu*memory*bytes` gauge likewise. Endpoints without `/metrics` (Ollama) report none.
+with any `*gpu*memory*bytes` gauge likewise; for a server on this machine nvidia-smi's GPU memory
+in use is sampled as well. Endpoints without `/metrics` (Ollama) report no resident memory.
 Works against medtune's server, vLLM, llama.cpp's server and Ollama's `/v1`.
 """
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -161,20 +164,49 @@ def parse_memory(metrics_text: str) -> dict[str, float]:
     return found
 
 
+async def nvidia_smi_memory() -> float | None:
+    """GPU memory in use on this machine (bytes, summed over GPUs) from nvidia-smi, None without one."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    proc = await asyncio.create_subprocess_exec(
+        exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    try:
+        mib = [float(line) for line in out.decode().split() if line.strip()]
+    except ValueError:
+        return None
+    return sum(mib) * 1024 * 1024 if proc.returncode == 0 and mib else None
+
+
 class _MemoryWatcher:
-    """Polls `/metrics` while the sweep runs and keeps the peak of each memory gauge."""
+    """Polls `/metrics` while the sweep runs and keeps the peak of each memory gauge. For a server on
+    this machine, nvidia-smi's GPU memory in use is sampled too (servers seldom export it)."""
 
     def __init__(self, root: str, api_key: str | None, interval: float = 0.5) -> None:
         self.url = root + "/metrics"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.interval = interval
+        self.local = urlsplit(root).hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
         self.peak: dict[str, float] = {}
         self.available = False
 
+    def _keep(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.peak[k] = max(self.peak.get(k, 0.0), v)
+
     async def sample(self, http: Any) -> None:
+        import httpx
+
+        if self.local:
+            gpu = await nvidia_smi_memory()
+            if gpu is not None:
+                self._keep({"nvidia_smi_gpu_memory_bytes": gpu})
         try:
             resp = await http.get(self.url, headers=self.headers, timeout=5.0)
-        except Exception:  # the endpoint has no /metrics or is busy: memory is best effort
+        except httpx.HTTPError:  # no /metrics, or busy: memory is best effort
             return
         if resp.status_code != 200:
             return
@@ -183,8 +215,7 @@ class _MemoryWatcher:
         except ValueError:
             return
         self.available = self.available or bool(values)
-        for k, v in values.items():
-            self.peak[k] = max(self.peak.get(k, 0.0), v)
+        self._keep(values)
 
     async def run(self, stop: asyncio.Event) -> None:
         import httpx
