@@ -71,18 +71,20 @@ def test_bad_lines_are_reported_and_the_rest_answered(tmp_path: Path) -> None:
             {"messages": [{"role": "robot", "content": "x"}]},  # line 7
             "",
             {"query": "dernière", "system": "Sois bref."},  # line 9
+            {"query": "chaud ?", "temperature": "hot"},  # line 10
         ],
     )
     out = tmp_path / "out.jsonl"
     with EchoBackend() as backend:
         summary = run_inference(backend, queries, out, batch_size=2)
-    assert summary.total == 8 and summary.answered == 3
+    assert summary.total == 9 and summary.answered == 3
     assert [(b.line, b.reason.split(":")[0]) for b in summary.bad] == [
         (2, "not valid JSON"),
         (3, "expected exactly one of 'query' (a string) or 'messages' (a list), found neither (keys"),
         (4, "refused"),
         (6, "duplicate id 'a' (first on line 1)"),
         (7, "'messages[0]'"),
+        (10, "'temperature'"),
     ]
     assert "longer than the model's context" in summary.bad[2].reason
     results = {r["id"]: r for r in read_output(out)}

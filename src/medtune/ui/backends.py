@@ -126,19 +126,18 @@ class Backend(ABC):
         """Run (key, request) pairs with up to `concurrency` in flight; yield (key, result) as each
         finishes, or (key, error) for a request refused with a MedtuneError. Other errors propagate."""
         out: queue.Queue[Any] = queue.Queue()
-        pending = list(requests)
+        pairs = iter(requests)  # consumed lazily: a long file is never all in flight or in memory
 
-        async def one(key: Any, req: ChatRequest, gate: asyncio.Semaphore) -> None:
-            async with gate:
+        async def worker() -> None:
+            for key, req in pairs:  # one shared iterator: each pair goes to exactly one worker
                 try:
                     out.put((key, await self._acomplete(req)))
                 except MedtuneError as exc:
                     out.put((key, exc))
 
         async def drive() -> None:
-            gate = asyncio.Semaphore(max(1, concurrency))
             try:
-                await asyncio.gather(*(one(k, r, gate) for k, r in pending))
+                await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
             except BaseException as exc:
                 out.put(exc)
             finally:

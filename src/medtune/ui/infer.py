@@ -83,14 +83,24 @@ def parse_query(text: str, line: int, *, system: str | None, temperature: float,
     rid = record.get("id", f"line-{line}")
     if not isinstance(rid, str | int) or isinstance(rid, bool):
         raise DataError(f"'id': expected a string or an integer, found {rid!r}")
+    model = record.get("model")
+    if model is not None and not isinstance(model, str):
+        raise DataError(f"'model': expected a model or adapter name, found {model!r}")
     request = ChatRequest(
         messages=messages,
-        model=record.get("model"),
-        temperature=float(record.get("temperature", temperature)),
-        max_tokens=int(record.get("max_tokens", max_tokens)),
+        model=model,
+        temperature=_number(record, "temperature", temperature, float),
+        max_tokens=_number(record, "max_tokens", max_tokens, int),
         response_format=response_format,
     )
     return Query(line=line, id=str(rid), record=record, request=request)
+
+
+def _number(record: dict[str, Any], key: str, default: float, kind: type) -> Any:
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+        raise DataError(f"{key!r}: expected {'an integer' if kind is int else 'a number'}, found {value!r}")
+    return kind(value)
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:
