@@ -103,18 +103,12 @@ class LlamaCppEngine(Engine):
             raise ModelError(
                 "the llamacpp engine needs llama-cpp-python: pip install 'medtune[gguf]'"
             ) from None
-        from transformers import AutoTokenizer
+        from medtune.export.gguf import native_output
 
         path = gguf_file(self.model_path)
         opts = self.options
         if opts.device not in ("auto", "cpu"):
             raise ConfigError(f"--device {opts.device}: the llamacpp engine runs on the CPU here")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"--model: cannot read the tokenizer of {path}: {exc}") from None
-        from medtune.export.gguf import native_output
-
         self._llama = llama_cpp
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
@@ -125,6 +119,7 @@ class LlamaCppEngine(Engine):
             raise ModelError(f"--model: llama.cpp cannot load {path}: {exc}") from None
         vocab = self._model.vocab
         self.vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.tokenizer = self._hf_tokenizer(path)
         train_ctx = self._model.n_ctx_train()
         self._max_context = min(opts.max_model_len or train_ctx, train_ctx)
         self.n_seq = opts.max_batch_size
@@ -155,6 +150,54 @@ class LlamaCppEngine(Engine):
         self._thread.start()
         log.info("llamacpp engine: %s, context %d, %d parallel sequences, %d threads",
                  path, self._max_context, self.n_seq, threads)  # fmt: skip
+
+    def _hf_tokenizer(self, path: Path) -> Any:
+        """The GGUF's vocabulary as a Hugging Face tokenizer (for xgrammar, streaming detokenisation and
+        the chat template), checked against llama.cpp's own tokenizer before serving."""
+        from tokenizers import decoders, pre_tokenizers
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"--model: cannot read the tokenizer of {path}: {exc}") from None
+        backend = tokenizer.backend_tokenizer
+        meta = self._model.metadata()
+        if meta.get("tokenizer.ggml.add_space_prefix") == "false" and isinstance(
+            backend.pre_tokenizer, pre_tokenizers.Metaspace
+        ):
+            # transformers' GGUF reader ignores add_space_prefix=false (SentencePiece vocabularies without
+            # a dummy prefix, like the embedded model's): it would prepend "▁" when encoding and strip a
+            # leading space when decoding. Follow the file instead.
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="▁", prepend_scheme="never", split=False
+            )
+            backend.decoder = decoders.Sequence(
+                [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            )
+        self._check_tokenizer(tokenizer, path)
+        return tokenizer
+
+    def _check_tokenizer(self, tokenizer: Any, path: Path) -> None:
+        from medtune.data.templates import render_chat
+        from medtune.export.gguf import PROBE_CONVERSATIONS
+
+        for messages in PROBE_CONVERSATIONS:
+            text = (
+                render_chat(messages, tokenizer, add_generation_prompt=True)
+                if tokenizer.chat_template
+                else ""
+            )
+            text += messages[-1]["content"]  # also plain text, outside any template
+            ours = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if tokenizer.encode(text, add_special_tokens=False) != ours or tokenizer.decode(
+                ours, skip_special_tokens=False
+            ) != self._model.detokenize(ours, special=True).decode("utf-8", errors="replace"):
+                raise ModelError(
+                    f"--model: {path}: the Hugging Face tokenizer rebuilt from the GGUF does not encode or decode "
+                    "like llama.cpp, so constrained decoding and streaming could not be trusted; export the "
+                    "GGUF with `medtune export gguf`, or serve the model folder with --engine transformers"
+                )
 
     def _turn_end_texts(self) -> list[str]:
         """End-of-turn markers of the chat template that are not one token (stop strings for chats)."""
