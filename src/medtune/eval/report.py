@@ -295,7 +295,7 @@ def write_report(
     results = {
         "title": doc.title,
         "task": task,
-        "eval": {k: v for k, v in ev.items() if k not in ("latencies_s", "labels")} if ev else None,
+        "eval": {k: v for k, v in ev.items() if k != "latencies_s"} if ev else None,
         "bench": _strip_lists(bench) if bench else None,
         "stages": stages,
         "measured": values,

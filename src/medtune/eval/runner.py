@@ -144,11 +144,15 @@ class _Appender:
         self.f.close()
 
 
-def _progress(total: int, done: int, description: str):
+def _progress(total: int, done: int, description: str, show: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
     )
     bar = progress.add_task(description, total=total, completed=done)
     return progress, bar
@@ -252,10 +256,10 @@ def run_eval(
         log.info("resuming: %d of %d answers already in %s", len(keys) - len(pending), len(keys), out)
     sink = _Appender(out / PREDICTIONS)
     unique = len(set(keys))
-    progress, bar = _progress(unique, unique - len(pending), f"eval {task.name}")
+    progress, bar = _progress(unique, unique - len(pending), f"eval {task.name}", show_progress)
     started = time.perf_counter()
     try:
-        with progress if show_progress else _nullcontext():
+        with progress:
             advance = lambda n=1: progress.advance(bar, n)  # noqa: E731
             if endpoint is not None and pending:
                 asyncio.run(
@@ -290,14 +294,6 @@ def _generate_local(task, pending, model_path, engine, batch_size, sink: _Append
     )
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def finalize(
     task: Any,
     examples: list[dict[str, Any]],
@@ -310,7 +306,12 @@ def finalize(
     """Score the answers on disk (in data order) and write `eval.json`."""
     lines = read_answers(out / PREDICTIONS)
     by_key = {r["key"]: r for r in lines if r.get("error") is None}
-    failed = {r["key"]: r["error"] for r in lines if r.get("error") is not None and r["key"] not in by_key}
+    wanted = set(keys)
+    failed = {
+        r["key"]: r["error"]
+        for r in lines
+        if r.get("error") and r["key"] in wanted and r["key"] not in by_key
+    }
     predictions = [by_key[k]["prediction"] if k in by_key else "" for k in keys]
     metrics = score_predictions(task, examples, predictions)
     latencies = [
@@ -322,11 +323,10 @@ def finalize(
         "n": len(examples),
         "answered": sum(1 for k in keys if k in by_key),
         "errors": len(failed),
-        "error_rate": len(failed) / len(set(keys)),
+        "error_rate": len(failed) / len(wanted),
         "elapsed_s": elapsed_s,
         "metrics": metrics,
         "latencies_s": latencies,
-        "labels": [ex.get("label") for ex in examples],
     }
     if failed:
         log.warning("%d request(s) failed after retries (first: %s); re-run to retry them", len(failed),
