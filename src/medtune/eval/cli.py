@@ -161,7 +161,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a model or endpoint on a task's test set (resumable)")
+    p = sub.add_parser(
+        "eval",
+        help="score a model or endpoint on a task's test set (resumable)",
+        description="Send a task's production requests to an endpoint (or a model folder), score the "
+        "answers, write OUT/report.md. Answers are saved as they arrive: re-running the same command "
+        "resumes; use a new --out for a different model.",
+    )
     _common(p)
     p.add_argument("--data", help="test examples (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--generate", type=int, metavar="N", help="use N synthetic test cases of the task pack")
@@ -175,7 +181,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="latency / throughput sweep against an OpenAI-compatible endpoint")
+    p = sub.add_parser(
+        "bench",
+        help="latency / throughput sweep against an OpenAI-compatible endpoint",
+        description="Latency P50/P95/P99, time to first token, tokens/s and requests/s at each "
+        "concurrency level, error rate and peak server memory; writes OUT/bench.json and the report.",
+    )
     _common(p)
     _endpoint_options(p)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="levels, comma-separated (default 1,2,4,8,16)")

@@ -42,7 +42,8 @@ def load_source(path: str | Path) -> tuple[str | None, dict[str, float]]:
         if stages:
             last = list(stages.values())[-1]
             values.update({k: float(v) for k, v in last.items() if is_number(v)})
-        p = p / "report" if (p / "report").is_dir() else p
+    if not (p / RESULTS_JSON).is_file() and (p / "report" / RESULTS_JSON).is_file():
+        p = p / "report"
     results = _json(p / RESULTS_JSON)
     if results is not None:
         task = task or results.get("task")
