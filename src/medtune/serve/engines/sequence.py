@@ -4,8 +4,13 @@ The engine's scheduler owns a batch of `Sequence`s. Each step it hands the batch
 to `choose_tokens`, which applies every row's own settings (repetition penalties, grammar mask,
 temperature, top-p, seeded sampling) with batched tensor ops where rows agree and per-row ops where
 they differ, then calls `Sequence.append` with each row's token. `append` advances the grammar
-matcher, detokenises incrementally (tokenizers' `DecodeStream`, which holds back incomplete UTF-8),
-holds back text that may be the start of a stop string, and returns the `StreamDelta` to deliver.
+matcher, detokenises incrementally, holds back text that may be the start of a stop string, and
+returns the `StreamDelta` to deliver.
+
+Incremental detokenisation uses the prefix/read-offset scheme of vLLM and TGI: decode a short window
+twice (without and with the new tokens) and emit the difference once it does not end in an incomplete
+UTF-8 character. tokenizers' own `DecodeStream` raises on the invalid byte sequences a sampled
+byte-fallback model can produce, so it cannot be used here.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import random
 from typing import Any
 
 import torch
-from tokenizers.decoders import DecodeStream
 
 from medtune.serve.engines.base import GenerationRequest, StreamDelta, TokenLogprob, TopLogprob
 from medtune.serve.guided import Guide
@@ -45,7 +49,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.stops = [s for s in self.sampling.stop if s]
-        self._decoder = DecodeStream(skip_special_tokens=True)
+        # The Rust tokenizer's decode directly: the transformers wrapper costs ~10x more per call.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._decode = backend.decode if backend is not None else tokenizer.decode
+        self._prefix_offset = 0  # out_ids[_prefix_offset:_read_offset] were decoded last time
+        self._read_offset = 0
         self._text = ""  # decoded so far (complete characters)
         self._sent = 0  # characters of _text already delivered
         self.loop = loop
@@ -81,15 +89,13 @@ class Sequence:
         if self.matcher is not None and not self.matcher.accept_token(token):
             # Cannot happen with the mask applied; end rather than emit text outside the grammar.
             return self._finish("stop", [token], logprob)
-        piece = self._decoder.step(self.tokenizer.backend_tokenizer, token)
-        if piece:
-            self._text += piece
+        self._detokenize(final=False)
         if self.stops:
             start = max(0, self._sent - max(map(len, self.stops)))
             hits = [i for i in (self._text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 self._text = self._text[: min(hits)]
-                return self._finish("stop", [token], logprob)
+                return self._finish("stop", [token], logprob, flush=False)
         if len(self.out_ids) >= self.max_new_tokens:
             return self._finish("length", [token], logprob)
         if self.matcher is not None and self.matcher.is_terminated():
@@ -97,6 +103,16 @@ class Sequence:
         ready = len(self._text) - self._held_back()
         text, self._sent = self._text[self._sent : ready], max(self._sent, ready)
         return self._delta(text, [token], logprob)
+
+    def _detokenize(self, final: bool) -> None:
+        """Append the text the new tokens complete (all of it when `final`)."""
+        ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.eos_ids else self.out_ids
+        decode = self._decode
+        before = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        after = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._text += after[len(before) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
 
     def finish_completed(self) -> StreamDelta:
         """End a constrained answer that is complete and can only be followed by a stop token."""
@@ -112,7 +128,11 @@ class Sequence:
                     break
         return best
 
-    def _finish(self, reason: str, ids: list[int], logprob: TokenLogprob | None) -> StreamDelta:
+    def _finish(
+        self, reason: str, ids: list[int], logprob: TokenLogprob | None, flush: bool = True
+    ) -> StreamDelta:
+        if flush:
+            self._detokenize(final=True)  # an incomplete character at the end comes out as U+FFFD
         self.finish_reason = reason
         text, self._sent = self._text[self._sent :], len(self._text)
         return self._delta(text, ids, logprob)
