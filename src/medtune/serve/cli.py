@@ -92,8 +92,9 @@ def serve(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter or [])
     engine_name = opt("engine")
     if engine_name == "vllm":
-        from medtune.serve.engines.vllm import VllmOptions, exec_vllm
+        from medtune.serve.engines.vllm import VllmOptions, check_vllm, exec_vllm
 
+        check_vllm()  # say "no vLLM / no GPU" before anything else
         raw = opt("model")  # a local folder, or a hub id vLLM downloads itself
         exec_vllm(VllmOptions(
             model=str(resolve_model(raw)) if Path(raw).expanduser().exists() else raw,

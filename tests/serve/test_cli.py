@@ -1,0 +1,73 @@
+"""`medtune serve` options and model resolution, and `medtune health` against live and dead servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medtune.cli import main
+from medtune.errors import ConfigError, ModelError
+from medtune.serve.cli import ServeSettings, parse_adapters, resolve_model
+
+
+def _model(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_a_run_folder_means_its_newest_merged_stage(tmp_path):
+    run = tmp_path / "runs" / "aria"
+    _model(run / "sft")
+    assert resolve_model(str(run)) == run / "sft"
+    _model(run / "dpo")
+    assert resolve_model(str(run)) == run / "dpo"
+    assert resolve_model(str(run / "sft")) == run / "sft"
+
+
+def test_model_paths_that_hold_no_model_say_what_to_do(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="--adapter NAME="):
+        resolve_model(str(adapter))
+    with pytest.raises(ModelError, match="no merged stage"):
+        resolve_model(str(tmp_path))
+
+
+def test_adapter_options_are_name_equals_path():
+    assert parse_adapters(["derm=a/derm", "radio=/b"]) == {"derm": "a/derm", "radio": "/b"}
+    for bad in (["derm"], ["=a"], ["derm=a", "derm=b"]):
+        with pytest.raises(ConfigError):
+            parse_adapters(bad)
+
+
+def test_every_option_also_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MEDTUNE_MAX_QUEUE", "3")
+    monkeypatch.setenv("MEDTUNE_API_KEY", "from-env")
+    monkeypatch.setenv("MEDTUNE_PORT", "9000")
+    settings = ServeSettings()
+    assert (settings.max_queue, settings.api_key, settings.port) == (3, "from-env", 9000)
+
+
+def test_serve_refuses_a_missing_model_without_a_traceback(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_health_reports_a_live_server(live_server, capsys):
+    assert main(["health", "--url", live_server.base_url]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["loaded"] is True and body["served_name"] == "aria-ft"
+    assert body["adapters"] == ["derm", "radio"]
+
+
+def test_health_fails_on_a_dead_port(capsys):
+    from fixtures_server import free_port
+
+    assert main(["health", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert "not answering" in capsys.readouterr().err

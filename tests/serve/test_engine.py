@@ -1,0 +1,161 @@
+"""The transformers engine in-process: batching, per-row settings, stops, constraints, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from medtune.serve.engines import EngineOptions, create_engine
+from medtune.serve.engines.base import Constraint, GenerationRequest, SamplingParams
+from medtune.serve.errors import BadRequest, ModelNotFound, QueueFull
+
+PROMPTS = [
+    "Mesures du coureur : valgus_genou = 12.4",
+    "Patiente de 34 ans, maux de tête depuis trois jours, pas de fièvre.",
+    "Diagnostic ?",
+    "Mesures du coureur : inclinaison_tronc = 8.1, pronation_pied = 2.0, longueur_foulée = 1.2. Diagnostic ?",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = create_engine(
+        "transformers", str(tiny_model_dir), options=EngineOptions(max_batch_size=8, threads=1)
+    )
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def _req(prompt: str, max_tokens: int = 24, **sampling) -> GenerationRequest:
+    sampling.setdefault("temperature", 0.0)
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=max_tokens, **sampling))
+
+
+def test_greedy_output_is_the_same_alone_and_batched(engine):
+    reqs = [_req(p, max_tokens=16 + 4 * i) for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate_batch([r])[0] for r in reqs]
+    together = engine.generate_batch(reqs)
+    for a, b in zip(alone, together, strict=True):
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert a.completion_tokens == len(a.token_ids)
+
+
+def test_requests_joining_a_running_batch_get_the_same_output(engine):
+    """Continuous batching: later requests join while earlier ones decode (different cache lengths)."""
+    reqs = [_req(p, max_tokens=40 - 5 * i) for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate_batch([r])[0].token_ids for r in reqs]
+
+    async def staggered() -> list[list[int]]:
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.004 * i)
+            return (await engine.generate(reqs[i])).token_ids
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+
+    assert asyncio.run(staggered()) == alone
+
+
+def test_each_row_keeps_its_own_sampling_settings(engine):
+    greedy = _req(PROMPTS[0], max_tokens=20)
+    seeded = _req(PROMPTS[1], max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    penalised = _req(PROMPTS[2], max_tokens=20, frequency_penalty=2.0)
+    alone = [engine.generate_batch([r])[0].token_ids for r in (greedy, seeded, penalised)]
+    together = [r.token_ids for r in engine.generate_batch([greedy, seeded, penalised])]
+    assert together == alone
+    # The penalty changed the answer: a repeated token costs more.
+    plain = engine.generate_batch([_req(PROMPTS[2], max_tokens=20)])[0].token_ids
+    assert plain != alone[2]
+    assert len(set(alone[2])) >= len(set(plain))
+
+
+def test_stop_strings_end_the_answer_and_are_never_streamed(engine):
+    full = engine.generate_batch([_req(PROMPTS[3], max_tokens=40)])[0].text
+    assert len(full) > 12
+    stop = full[8:11]
+
+    async def stream() -> list:
+        return [d async for d in engine.stream(_req(PROMPTS[3], max_tokens=40, stop=[stop]))]
+
+    deltas = asyncio.run(stream())
+    text = "".join(d.text for d in deltas)
+    assert text == full[: full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_constrained_json_uses_plain_utf8_and_length_when_cut(engine):
+    schema = {
+        "type": "object",
+        "properties": {"confiance": {"enum": ["élevée", "modérée", "faible"]}, "score": {"type": "integer"}},
+        "required": ["confiance", "score"],
+    }
+    constraint = Constraint("json_schema", schema)
+    reqs = [GenerationRequest(prompt=p, sampling=SamplingParams(temperature=0.0, max_tokens=60), constraint=constraint)
+            for p in PROMPTS]  # fmt: skip
+    for r in engine.generate_batch(reqs):
+        if r.finish_reason == "stop":
+            value = json.loads(r.text)
+            assert value["confiance"] in schema["properties"]["confiance"]["enum"]
+            assert "\\u" not in r.text
+        else:
+            assert r.completion_tokens == 60
+    cut = engine.generate_batch([GenerationRequest(prompt=PROMPTS[0], constraint=constraint,
+                                                   sampling=SamplingParams(temperature=0.0, max_tokens=3))])[0]  # fmt: skip
+    assert cut.finish_reason == "length" and cut.completion_tokens == 3
+
+
+def test_a_choice_constraint_finishes_as_soon_as_the_answer_is_complete(engine):
+    req = GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(temperature=0.0, max_tokens=50),
+                            constraint=Constraint("choice", ["oui", "non"]))  # fmt: skip
+    r = engine.generate_batch([req])[0]
+    assert r.text in ("oui", "non") and r.finish_reason == "stop"
+
+
+def test_lengths_are_checked_before_queueing(engine):
+    too_long = "valgus " * 3000
+    with pytest.raises(BadRequest) as err:
+        engine.generate_batch([_req(too_long)])
+    assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+    with pytest.raises(BadRequest) as err:
+        engine.generate_batch([_req(PROMPTS[0], max_tokens=engine.max_context)])
+    assert err.value.param == "max_tokens"
+    with pytest.raises(ModelNotFound):
+        engine.generate_batch([GenerationRequest(prompt="x", adapter="nope")])
+
+
+def test_the_waiting_queue_is_bounded(tiny_model_dir):
+    eng = create_engine("transformers", str(tiny_model_dir),
+                        options=EngineOptions(max_batch_size=1, max_queue=1, threads=1))  # fmt: skip
+    eng.start()
+    try:
+
+        async def run() -> list:
+            streams = [eng.stream(_req(PROMPTS[0], max_tokens=200)) for _ in range(4)]
+            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+            for s in streams:
+                await s.aclose()
+            return firsts
+
+        firsts = asyncio.run(run())
+        refused = [f for f in firsts if isinstance(f, QueueFull)]
+        assert len(refused) >= 2 and refused[0].status == 429
+        assert eng.generate_batch([_req(PROMPTS[0], max_tokens=2)])[0].completion_tokens == 2
+    finally:
+        eng.close()
+
+
+def test_closing_a_stream_frees_its_batch_slot(engine):
+    async def run() -> None:
+        stream = engine.stream(_req(PROMPTS[0], max_tokens=500))
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(200):
+            if engine.running == 0:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert engine.running == 0 and engine.queue_depth == 0

@@ -1,0 +1,89 @@
+"""Constrained decoding: schema checks that name the keyword, grammars that accept what they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from medtune.serve.engines.base import Constraint
+from medtune.serve.errors import BadRequest
+from medtune.serve.guided import Guide, check_schema
+
+
+@pytest.fixture(scope="module")
+def guide(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return Guide(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])
+
+
+def _accepts(guide: Guide, constraint: Constraint, text: str) -> bool:
+    matcher = guide.matcher(constraint)
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "strin"}}}, ["properties.a.type", "strin"]),
+        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, ["properties.a", "'not'"]),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, ["'uniqueItems'"]),
+        ({"if": {"type": "string"}, "then": {"minLength": 2}}, ["'if'"]),
+        ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, ["'allOf'"]),
+        ([1, 2], ["object"]),
+    ],
+)
+def test_schemas_that_cannot_be_enforced_are_refused_naming_the_keyword(schema, words):
+    with pytest.raises(BadRequest) as err:
+        check_schema(schema)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_the_aria_schema_keeps_non_ascii_values_as_utf8(guide):
+    schema = {
+        "type": "object",
+        "properties": {
+            "pathologie": {"type": "string"},
+            "confiance": {"enum": ["élevée", "modérée", "faible"]},
+        },
+        "required": ["pathologie", "confiance"],
+    }
+    c = Constraint("json_schema", schema)
+    assert _accepts(guide, c, '{"pathologie": "SFP", "confiance": "élevée"}')
+    assert not _accepts(guide, c, '{"pathologie": "SFP", "confiance": "\\u00e9lev\\u00e9e"}')
+    assert not _accepts(guide, c, '{"pathologie":"SFP","confiance":"élevée"}')  # one layout only
+    assert not _accepts(guide, c, '{"pathologie": "SFP",  "confiance": "élevée"}')  # no free whitespace
+
+
+def test_regex_choice_and_json_object(guide):
+    assert _accepts(guide, Constraint("regex", "[0-9]{3}-[a-z]+"), "123-abc")
+    assert not _accepts(guide, Constraint("regex", "[0-9]{3}-[a-z]+"), "12-abc")
+    choice = Constraint("choice", ["Recommandation:", 'Pour "préciser"'])
+    assert _accepts(guide, choice, 'Pour "préciser"') and not _accepts(guide, choice, "Pour")
+    assert _accepts(guide, Constraint("json_object"), '{"any": [1, 2], "keys": null}')
+    assert not _accepts(guide, Constraint("json_object"), "[1, 2]")
+    with pytest.raises(BadRequest, match="Lookbehind"):
+        guide.compile(Constraint("regex", "(?<=a)b"))
+    with pytest.raises(BadRequest, match="guided_choice"):
+        guide.compile(Constraint("choice", []))
+
+
+def test_compiled_grammars_are_cached_by_content(guide):
+    a = guide.compile(Constraint("json_schema", {"type": "object", "properties": {"x": {"type": "integer"}}}))
+    b = guide.compile(Constraint("json_schema", {"properties": {"x": {"type": "integer"}}, "type": "object"}))
+    assert a is b
+
+
+def test_masking_forbids_special_tokens_inside_constrained_answers(guide, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    matcher = guide.matcher(Constraint("json_object"))
+    assert matcher.accept_string('{"a": "')  # inside a string, where any text is allowed
+    bitmask = guide.allocate(2)
+    guide.fill(bitmask, 1, matcher)
+    logits = torch.zeros(2, guide.vocab_size)
+    guide.apply(logits, bitmask, [1])
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert logits[1, start] == float("-inf")
+    assert torch.isfinite(logits[0]).all()  # unconstrained rows are untouched
+    assert torch.isfinite(logits[1]).sum() > 100  # plenty of text tokens remain allowed
