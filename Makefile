@@ -148,3 +148,30 @@ train-all: $(STAMP)
 # `make demo` (aria) and the headache recipe timed from scratch; BENCH_WRITE=1 updates BENCHMARKS.md.
 bench-train: $(STAMP)
 	$(BIN)/python bench/train_demo.py $(if $(BENCH_WRITE),--write,)
+
+# --- serving (medtune serve / health) -------------------------------------------------------------
+# The run's base model, SFT model or fine-tuned (DPO) model behind the OpenAI API; port, API key,
+# served name, max model len come from .env (MEDTUNE_*) or SERVE_ARGS="--port 8002 --adapter derm=...".
+# ENGINE=vllm hands over to vLLM's own server (GPU); ENGINE=llamacpp serves a GGUF file.
+# Never train and serve on one GPU at once. `make health` checks the server from another terminal.
+SERVE_ARGS ?=
+ENGINE ?=
+SERVE = $(BIN)/medtune serve $(if $(ENGINE),--engine $(ENGINE),) $(SERVE_ARGS)
+.PHONY: serve serve-sft serve-ft health bench-serve
+
+serve: $(STAMP)
+	$(SERVE) --model $(RUN)/base
+
+serve-sft: $(STAMP)
+	$(SERVE) --model $(RUN)/sft
+
+serve-ft: $(STAMP)
+	$(SERVE) --model $(RUN)/dpo
+
+health: $(STAMP)
+	$(BIN)/medtune health
+
+# Diagnosis latency (P50/P99), 8-client throughput, constrained-decoding overhead; BENCH_WRITE=1
+# updates the serving section of BENCHMARKS.md.
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve_bench.py --run $(RUN) $(if $(BENCH_WRITE),--write,)
