@@ -108,6 +108,27 @@ def test_local_chat_streams_answers_from_the_model_and_keeps_history(tiny_model_
     assert child.exitstatus == 0
 
 
+def test_local_chat_answers_with_the_chosen_adapter(
+    served_model_dir: Path, lora_adapters: dict[str, Path]
+) -> None:
+    adapters = [f"--adapter={name}={path}" for name, path in lora_adapters.items()]
+    child = spawn("--model", str(served_model_dir), *adapters, "--temperature", "0", "--max-tokens", "24")
+    question = (
+        "Mesures du coureur : adduction_hanche = 11.2. Diagnostic ?"  # what the adapters were trained on
+    )
+    assert "Avis dermatologique." in say(child, question)  # the first adapter loaded answers first
+    listing = say(child, "/model")
+    assert "* derm" in listing and "radio" in listing and "base" in listing
+    say(child, "/reset")
+    say(child, "/model radio")
+    assert "Avis radiologique." in say(child, question)
+    say(child, "/reset")
+    say(child, "/model base")
+    assert "Avis" not in say(child, question)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
 def test_chat_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     child = pexpect.spawn(
         sys.executable, ["-m", "medtune.cli", "chat", "--model", str(tmp_path / "nope")], encoding="utf-8"

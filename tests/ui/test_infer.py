@@ -158,6 +158,29 @@ def test_killed_job_resumes_without_duplicates(stub_openai, tmp_path: Path) -> N
     assert not asked_again & {f"question {i[1:]}" for i in first_run}  # nothing done is asked twice
 
 
+def test_remote_infer_sends_each_line_to_its_model(live_server, tmp_path: Path) -> None:
+    question = (
+        "Mesures du coureur : adduction_hanche = 11.2. Diagnostic ?"  # what the adapters were trained on
+    )
+    lines = [{"id": name, "query": question, "model": name} for name in ("derm", "radio")]
+    queries = write_lines(tmp_path / "q.jsonl", [*lines, {"id": "bad", "query": "x", "model": "nope"}])
+    out = tmp_path / "out.jsonl"
+    args = ["--endpoint", live_server.base_url, "--api-key", live_server.api_key, "--model", "aria-ft"]
+    result = subprocess.run(
+        infer_cmd(*args, "--input", str(queries), "--output", str(out), "--max-tokens", "24"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1  # the line naming an unknown model is refused, the others answered
+    assert ":3: refused:" in result.stderr and "HTTP 400" in result.stderr
+    results = {r["id"]: r["response"] for r in read_output(out)}
+    assert set(results) == {"derm", "radio"}
+    assert results["derm"].startswith("Avis dermatologique") and results["radio"].startswith(
+        "Avis radiologique"
+    )
+
+
 def test_local_model_answers_each_line_and_honours_its_response_format(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
