@@ -42,14 +42,15 @@ clean:
 
 # --- docs, containers, GPU check, browser for the UI test ------------------------------------------
 # Containers are not exercised by the tests (no Docker engine on the CI machine); GPU=1 switches to
-# docker/Dockerfile.gpu (vLLM) and `--gpus all`. Models are mounted read-only from runs/ at /models.
+# docker/Dockerfile.gpu (vLLM) and `--gpus all`. The run folder $(RUN) is mounted read-only at /models/run;
+# like `make serve` / `make serve-ft`, docker-serve serves its base model and docker-serve-ft its DPO model.
 DOCKER_IMAGE ?= medtune
 DOCKER_NAME ?= medtune-serve
 DOCKER_PORT ?= 8001
 GPU ?=
 DOCKER_TAG := $(DOCKER_IMAGE):$(if $(GPU),gpu,cpu)
 # .env settings go in; host, port and model are container-side values and always set here.
-DOCKER_RUN = docker run -d --name $(DOCKER_NAME) -p $(DOCKER_PORT):8001 -v "$(CURDIR)/runs:/models:ro" \
+DOCKER_RUN = docker run -d --name $(DOCKER_NAME) -p $(DOCKER_PORT):8001 -v "$(abspath $(RUN)):/models/run:ro" \
 	$(if $(wildcard .env),--env-file .env,) -e MEDTUNE_HOST=0.0.0.0 -e MEDTUNE_PORT=8001 \
 	$(if $(GPU),--gpus all,) $(DOCKER_TAG)
 CHROMIUM ?= /usr/bin/chromium
@@ -68,15 +69,13 @@ docker-lint: $(STAMP)
 docker-build:
 	docker build -f docker/Dockerfile.$(if $(GPU),gpu,cpu) -t $(DOCKER_TAG) .
 
-# The SFT model (runs/aria/sft), served as aria-sft.
 docker-serve: docker-build
-	$(DOCKER_RUN) --model /models/aria/sft --served-name aria-sft
-	@echo "serving on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
+	$(DOCKER_RUN) --model /models/run/base
+	@echo "serving $(RUN)/base on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
 
-# The fine-tuned (DPO) model (runs/aria/dpo), served as aria-ft.
 docker-serve-ft: docker-build
-	$(DOCKER_RUN) --model /models/aria/dpo --served-name aria-ft
-	@echo "serving on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
+	$(DOCKER_RUN) --model /models/run/dpo
+	@echo "serving $(RUN)/dpo on http://127.0.0.1:$(DOCKER_PORT)/v1 (make docker-logs, make docker-stop)"
 
 docker-stop:
 	docker rm -f $(DOCKER_NAME)
