@@ -72,33 +72,39 @@ def test_bad_data_line_is_named(tmp_path):
         read_examples(f, get_task("aria"))
 
 
-@pytest.mark.slow  # two subprocess runs of a model (~20-60 s on a busy 2-core machine)
-def test_killed_eval_resumes_without_repeating_answers(tiny_model_dir, tmp_path):
-    out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "medtune.cli", "eval", "--task", "aria", "--generate", "16", "--seed", "9",
-           "--model-path", str(tiny_model_dir), "--batch-size", "2", "--max-tokens", "24", "--out", str(out), "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / PREDICTIONS).exists() and (out / PREDICTIONS).stat().st_size > 0:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the eval finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    first = _keys(out)
-    assert 0 < len(first) < 16
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    keys = _keys(out)
-    assert keys[: len(first)] == first  # answers written before the kill were kept, not redone
-    assert len(keys) == len(set(keys)) == 16  # the re-run sent only the missing requests
-    assert json.loads((out / "eval.json").read_text(encoding="utf-8"))["answered"] == 16
+def test_interrupted_local_eval_resumes_without_regenerating(tiny_model_dir, tmp_path, monkeypatch):
+    import medtune.eval.runner as runner
+
+    task = _aria(16)
+    examples = task.generate_test(10, seed=9)
+    real_write = runner._Appender.write
+    written = []
+
+    def write_then_stop(self, record):
+        real_write(self, record)
+        written.append(record["key"])
+        if len(written) == 4:  # stop like Ctrl-C after the first batch of answers reached the disk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._Appender, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(task, examples, tmp_path, model_path=tiny_model_dir, batch_size=1, show_progress=False)
+    first = _keys(tmp_path)
+    assert len(first) == 4
+    monkeypatch.setattr(runner._Appender, "write", real_write)
+    generated = []
+    real_generate = runner.generate_answers
+
+    def counting_generate(path, requests, **kwargs):
+        generated.extend(requests)
+        return real_generate(path, requests, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_answers", counting_generate)
+    result = run_eval(task, examples, tmp_path, model_path=tiny_model_dir, batch_size=1, show_progress=False)
+    assert len(generated) == 6  # only the requests without an answer were generated again
+    keys = _keys(tmp_path)
+    assert keys[:4] == first and len(keys) == len(set(keys)) == 10
+    assert result["answered"] == 10
 
 
 def test_endpoint_eval_writes_answers_and_a_report_with_plots(live_server, tmp_path):
