@@ -16,6 +16,7 @@ byte-fallback model can produce, so it cannot be used here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -73,9 +74,7 @@ class Sequence:
     # -- delivery (to the event loop that asked) ----------------------------------------------------
 
     def deliver(self, item: StreamDelta | BaseException) -> None:
-        if self.loop is None or self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        deliver_all([(self, item)])
 
     # -- one token ----------------------------------------------------------------------------------
 
@@ -221,3 +220,20 @@ def only_stop_allowed(guide: Guide, bitmask: torch.Tensor, row: int, seq: Sequen
     guide.apply(probe, bitmask[row : row + 1], [0])
     allowed = torch.isfinite(probe[0]).nonzero().flatten().tolist()
     return all(t in seq.eos_ids for t in allowed)
+
+
+def _put_all(items: list[tuple[Sequence, StreamDelta | BaseException]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
+
+
+def deliver_all(items: list[tuple[Sequence, StreamDelta | BaseException]]) -> None:
+    """Hand items to their requests' event loops: one thread-safe wake-up per loop, not per row
+    (each wake-up is a write to the loop's self-pipe, ~1 ms on a busy machine)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StreamDelta | BaseException]]] = {}
+    for seq, item in items:
+        if seq.loop is not None and not seq.loop.is_closed():
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: its requests are gone
+            loop.call_soon_threadsafe(_put_all, batch)

@@ -42,7 +42,7 @@ from medtune.serve.engines.base import (
     GenerationResult,
     StreamDelta,
 )
-from medtune.serve.engines.sequence import Sequence, choose_tokens, only_stop_allowed
+from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, QueueFull, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
@@ -83,8 +83,6 @@ class TransformersEngine(Engine):
         if not (path / "config.json").is_file():
             raise ModelError(f"--model: {path} is not a model folder (no config.json)")
         opts = self.options
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
         device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if opts.dtype == "auto":
             dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -115,6 +113,11 @@ class TransformersEngine(Engine):
         if self.pad_id is None:
             self.pad_id = min(self.eos_ids) if self.eos_ids else 0
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        # CPU threads for the scheduler thread only (OpenMP settings are per thread). A small model's
+        # matmuls are too short to pay for OpenMP barriers, and on a busy machine a team of threads
+        # waiting for a descheduled member is ~10x slower than one thread: small models get one.
+        n_params = sum(p.numel() for p in model.parameters())
+        self._threads = opts.threads or (1 if device == "cpu" and n_params < 50_000_000 else None)
         stops = sorted(self.eos_ids | self.turn_end_ids)
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
         self._bitmask = self.guide.allocate(opts.max_batch_size)
@@ -287,6 +290,8 @@ class TransformersEngine(Engine):
     # -- scheduler thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -393,6 +398,7 @@ class TransformersEngine(Engine):
     def _step(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Choose, record and deliver each row's next token; return the tokens (the next inputs)."""
         chosen = choose_tokens(logits, seqs, self.guide, self._bitmask, self.tokenizer)
+        out = []
         for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
             if seq.cancelled:
                 continue
@@ -403,7 +409,8 @@ class TransformersEngine(Engine):
                 delta.text += done.text
                 delta.finish_reason = done.finish_reason
             if delta is not None:
-                seq.deliver(delta)
+                out.append((seq, delta))
+        deliver_all(out)
         return torch.tensor([t for t, _ in chosen], dtype=torch.long)
 
     def _drop_finished(self) -> None:

@@ -1,0 +1,252 @@
+"""The serving numbers: ARIA diagnosis latency, 8-client throughput, constrained-decoding overhead.
+
+    python bench/serve_bench.py --run runs/aria            # what `make bench-serve` runs
+    python bench/serve_bench.py --run runs/aria --write    # also rewrite BENCHMARKS.md's serving section
+
+The model is the run's newest merged stage (runs/aria/dpo after `make demo`); without a trained run
+an untrained embedded "small" model is built and the report says so. Each of `--repeats` rounds:
+
+1. starts `medtune serve` on a free port (a real subprocess) and sends the production ARIA diagnosis
+   request (json_schema response_format, temperature 0.1, max_tokens 256) with the official `openai`
+   client: `--requests` calls one after another (P50 / P99 latency, requests/s), then the same calls
+   from 8 concurrent clients (requests/s);
+2. in-process, decodes the same prompts greedily with the schema constraint and without it, capped at
+   the constrained answer's length so both produce the same number of tokens, and compares seconds
+   per token; for reference, the same with `model.generate` and xgrammar's stock HF logits processor.
+
+Numbers are medians over rounds. The machine is shared: compare ratios measured in the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from medtune.io import write_text
+from medtune.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- section: serving -->", "<!-- end: serving -->"
+TASK = get_task("aria")
+KEY = "bench-key"
+
+
+def pick_model(run: Path) -> tuple[Path, str]:
+    """The run's newest merged stage, or a freshly built untrained embedded model."""
+    from medtune.errors import ModelError
+    from medtune.serve.cli import resolve_model
+
+    with contextlib.suppress(ModelError):
+        path = resolve_model(str(run))
+        return path, f"`{path}` (trained by `make demo`)"
+    from medtune.config import EmbeddedModelConfig
+    from medtune.train.models import build_embedded_model
+
+    texts = [m["content"] for ex in TASK.generate_sft(300, seed=1) for m in ex["messages"]]
+    out = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "model"
+    build_embedded_model(texts, EmbeddedModelConfig(size="small"), out, seed=0)
+    return out, "an untrained embedded `small` model (no trained run found: run `make demo` first)"
+
+
+@contextlib.contextmanager
+def server(model: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "medtune.cli", "serve", "--model", str(model), "--port", str(port),
+           "--api-key", KEY, "--served-name", "aria-ft"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"medtune serve exited: {proc.stderr.read().decode()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def diagnosis(record: dict[str, Any], seed: int) -> dict[str, Any]:
+    return dict(model="aria-ft", messages=TASK.messages(record), temperature=TASK.temperature,
+                max_tokens=TASK.max_tokens, seed=seed, response_format=TASK.response_format())  # fmt: skip
+
+
+async def measure_http(url: str, records: list[dict], clients: int) -> dict[str, Any]:
+    """Latencies and requests/s with `clients` concurrent callers."""
+    latencies: list[float] = []
+    tokens = 0
+    queue = list(enumerate(records))
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+        # Warm-up (compiles the schema, fills caches), not timed.
+        await client.chat.completions.create(**diagnosis(records[0], 0))
+
+        async def worker() -> None:
+            nonlocal tokens
+            while queue:
+                i, record = queue.pop()
+                t0 = time.perf_counter()
+                r = await client.chat.completions.create(**diagnosis(record, i))
+                latencies.append(time.perf_counter() - t0)
+                tokens += r.usage.completion_tokens
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ordered = sorted(latencies)
+    return {
+        "p50": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+        "rps": len(records) / wall,
+        "tokens": tokens / len(records),
+    }
+
+
+def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
+    """Seconds per token, constrained vs unconstrained, same prompts and same number of tokens."""
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.serve.engines import EngineOptions, create_engine
+    from medtune.serve.engines.base import Constraint, GenerationRequest, SamplingParams
+
+    schema = TASK.response_format()["json_schema"]["schema"]
+    engine = create_engine("transformers", str(model), options=EngineOptions(max_batch_size=1))
+    engine.start()
+    per_token = {"constrained": 0.0, "free": 0.0, "hf_constrained": 0.0, "hf_free": 0.0}
+    n_tokens = 0
+    try:
+        prompts = [engine.render(TASK.messages(r)) for r in records]
+        for prompt in prompts:  # constrained length first, then the same length without the grammar
+            c = GenerationRequest(prompt=prompt, constraint=Constraint("json_schema", schema),
+                                  sampling=SamplingParams(temperature=0.0, max_tokens=TASK.max_tokens))  # fmt: skip
+            t0 = time.perf_counter()
+            n = engine.generate_batch([c])[0].completion_tokens
+            per_token["constrained"] += time.perf_counter() - t0
+            f = GenerationRequest(prompt=prompt, sampling=SamplingParams(temperature=0.0, max_tokens=n))
+            t0 = time.perf_counter()
+            free = engine.generate_batch([f])[0].completion_tokens
+            per_token["free"] += (time.perf_counter() - t0) * n / free  # an early EOS: scale to n tokens
+            n_tokens += n
+        # Reference: transformers generate() with xgrammar's stock HF logits processor.
+        tok = AutoTokenizer.from_pretrained(model)
+        hf = AutoModelForCausalLM.from_pretrained(model).eval()
+        info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=hf.config.vocab_size)
+        compiled = xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False)
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        hf_tokens = 0
+        for prompt in prompts:
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = hf.generate(**ids, max_new_tokens=TASK.max_tokens, do_sample=False,
+                                  logits_processor=[LogitsProcessor(compiled)])  # fmt: skip
+                per_token["hf_constrained"] += time.perf_counter() - t0
+                n = out.shape[1] - ids["input_ids"].shape[1]
+                t0 = time.perf_counter()
+                hf.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                per_token["hf_free"] += time.perf_counter() - t0
+                hf_tokens += n
+    finally:
+        engine.close()
+    return {
+        "constrained": per_token["constrained"] / n_tokens,
+        "free": per_token["free"] / n_tokens,
+        "hf_constrained": per_token["hf_constrained"] / hf_tokens,
+        "hf_free": per_token["hf_free"] / hf_tokens,
+    }
+
+
+def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str) -> str:
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    ratio = med["rps8"] / med["rps1"]
+    over = med["constrained"] / med["free"] - 1
+    hf_over = med["hf_constrained"] / med["hf_free"] - 1
+    ok = lambda good: "yes" if good else "**no**"  # noqa: E731
+    return "\n".join([
+        f"Command: `{command}` ({platform.machine()}, {os.cpu_count()} CPUs, shared with other work).",
+        f"Model: {model_desc}. Request: the production ARIA diagnosis call (json_schema response_format,",
+        "temperature 0.1, max_tokens 256) with random measurements, through HTTP with the `openai` client.",
+        f"Median of {len(rounds)} rounds of {n} requests; answers averaged {med['tokens']:.0f} tokens.",
+        "",
+        "| metric | measured | goal | met |",
+        "|---|---|---|---|",
+        f"| sequential latency P50 | {med['p50']:.3f} s | < 0.3 s | {ok(med['p50'] < 0.3)} |",
+        f"| sequential latency P99 | {med['p99']:.3f} s | < 0.6 s | {ok(med['p99'] < 0.6)} |",
+        f"| sequential throughput | {med['rps1']:.2f} req/s | | |",
+        f"| 8 concurrent clients throughput | {med['rps8']:.2f} req/s ({ratio:.1f}x sequential) | >= 3x | {ok(ratio >= 3)} |",
+        f"| constrained vs free decoding, per token | {1000 * med['constrained']:.2f} vs {1000 * med['free']:.2f} ms "
+        f"({100 * over:+.1f}%) | <= +10% | {ok(over <= 0.10)} |",
+        f"| same with `generate()` + xgrammar's HF logits processor (reference) | "
+        f"{1000 * med['hf_constrained']:.2f} vs {1000 * med['hf_free']:.2f} ms ({100 * hf_over:+.1f}%) | | |",
+    ])  # fmt: skip
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text(encoding="utf-8")
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    write_text(path, f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/aria", help="run folder (its newest merged stage is served)")
+    parser.add_argument("--model", help="serve this model folder instead of the run's")
+    parser.add_argument("--requests", type=int, default=100, help="diagnosis calls per measurement")
+    parser.add_argument(
+        "--overhead-prompts", type=int, default=20, help="prompts for the per-token comparison"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the report gives medians")
+    parser.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's serving section")
+    args = parser.parse_args()
+    model, desc = (Path(args.model), f"`{args.model}`") if args.model else pick_model(Path(args.run))
+    records = TASK.generate_inputs(args.requests, seed=123)
+    rounds = []
+    for i in range(args.repeats):
+        with server(model) as url:
+            seq = asyncio.run(measure_http(url, records, clients=1))
+            par = asyncio.run(measure_http(url, records, clients=8))
+        over = measure_overhead(model, records[: args.overhead_prompts])
+        rounds.append({"p50": seq["p50"], "p99": seq["p99"], "rps1": seq["rps"], "rps8": par["rps"],
+                       "tokens": seq["tokens"], **over})  # fmt: skip
+        print(f"round {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in rounds[-1].items()), flush=True)
+    command = " ".join(["python", "bench/serve_bench.py", *sys.argv[1:]])
+    text = section(desc, rounds, args.requests, command)
+    print(text)
+    if args.write:
+        write_section(text)
+        print("BENCHMARKS.md: serving section updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
