@@ -71,3 +71,22 @@ def test_health_fails_on_a_dead_port(capsys):
 
     assert main(["health", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
     assert "not answering" in capsys.readouterr().err
+
+
+def test_a_recipe_gives_defaults_that_the_environment_and_options_override(monkeypatch, tmp_path):
+    import argparse
+
+    from medtune.serve.cli import _pick, recipe_defaults
+
+    (tmp_path / "derm").mkdir()
+    recipe = tmp_path / "derm.yaml"
+    recipe.write_text(f"name: derm\ntask: aria\noutput_dir: {tmp_path}/runs\nserve:\n  max_queue: 5\n  adapters:\n"
+                      f"    derm: {tmp_path}/derm\n", encoding="utf-8")  # fmt: skip
+    values, adapters = recipe_defaults(str(recipe))
+    assert adapters == {"derm": f"{tmp_path}/derm"} and values["model"] == f"{tmp_path}/runs/derm"
+    args = argparse.Namespace(max_queue=None)
+    assert _pick(args, ServeSettings(), values, "max_queue") == 5
+    monkeypatch.setenv("MEDTUNE_MAX_QUEUE", "7")
+    assert _pick(args, ServeSettings(), values, "max_queue") == 7
+    assert _pick(argparse.Namespace(max_queue=9), ServeSettings(), values, "max_queue") == 9
+    assert _pick(args, ServeSettings(), values, "port") == 8001  # not in the recipe: the default

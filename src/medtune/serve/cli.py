@@ -7,8 +7,10 @@
 
 Every option also comes from the environment or `.env` (MEDTUNE_PORT, MEDTUNE_API_KEY,
 MEDTUNE_MAX_BATCH_SIZE, ...); a command-line option wins. `--model` takes a model folder or a run
-folder (runs/aria: its newest merged stage, dpo then sft then pt). SIGTERM stops taking requests
-and lets the ones in flight finish for `--grace-period` seconds.
+folder (runs/aria: its newest merged stage, dpo then sft then pt). `--recipe recipes/aria.yaml`
+takes the run folder and the recipe's `serve:` section (engine, adapters, batch and queue sizes,
+timeout, ...) as defaults. SIGTERM stops taking requests and lets the ones in flight finish for
+`--grace-period` seconds.
 """
 
 from __future__ import annotations
@@ -81,15 +83,40 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     return adapters
 
 
-def _pick(args: argparse.Namespace, settings: ServeSettings, name: str) -> Any:
+# Recipe `serve:` keys that are also serve options (the recipe describes the run, .env the machine).
+RECIPE_KEYS = ("engine", "max_batch_size", "max_queue", "request_timeout", "tensor_parallel_size",
+               "quantization", "dtype")  # fmt: skip
+
+
+def recipe_defaults(
+    path: str | None, overrides: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Options and adapters from a recipe's `serve:` section; its model is the run folder."""
+    if not path:
+        return {}, {}
+    from medtune.config import load_recipe
+
+    recipe = load_recipe(path, overrides or [])
+    values = {key: getattr(recipe.serve, key) for key in RECIPE_KEYS}
+    values["model"] = str(recipe.run_dir)
+    return values, dict(recipe.serve.adapters)
+
+
+def _pick(args: argparse.Namespace, settings: ServeSettings, recipe: dict[str, Any], name: str) -> Any:
+    """Command line, then the environment / .env, then the recipe, then the default."""
     value = getattr(args, name, None)
-    return value if value is not None else getattr(settings, name)
+    if value is not None:
+        return value
+    if name in settings.model_fields_set or name not in recipe:
+        return getattr(settings, name)
+    return recipe[name]
 
 
 def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings()
-    opt = lambda name: _pick(args, settings, name)  # noqa: E731
-    adapters = parse_adapters(args.adapter or [])
+    recipe, recipe_adapters = recipe_defaults(args.recipe)
+    opt = lambda name: _pick(args, settings, recipe, name)  # noqa: E731
+    adapters = {**recipe_adapters, **parse_adapters(args.adapter or [])}
     engine_name = opt("engine")
     if engine_name == "vllm":
         from medtune.serve.engines.vllm import VllmOptions, check_vllm, exec_vllm
@@ -169,6 +196,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", help="model folder or run folder (env MEDTUNE_MODEL; default runs/aria/dpo)")
+    p.add_argument(
+        "--recipe", help="take the run folder, engine, adapters and limits from a recipe's serve section"
+    )
     p.add_argument(
         "--adapter", action="append", metavar="NAME=PATH", help="LoRA adapter to load (repeatable)"
     )
