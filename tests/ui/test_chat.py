@@ -15,7 +15,7 @@ from medtune.ui.chat import load_schema
 PROMPT = "you> "
 
 
-def spawn(*args: str, timeout: float = 60) -> pexpect.spawn:
+def spawn(*args: str, timeout: float = 180) -> pexpect.spawn:  # generous: a busy 2-core machine
     child = pexpect.spawn(
         sys.executable,
         ["-m", "medtune.cli", "chat", *args],
