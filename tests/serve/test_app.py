@@ -316,3 +316,15 @@ def test_text_completions_take_several_prompts(live_server):
         model="aria-ft", prompt="Mesures", max_tokens=3, temperature=0
     )
     assert single.choices[0].text == r.choices[0].text
+
+
+def test_prompts_and_answers_stay_out_of_the_log_by_default(live_server):
+    secret = "Patient Dupont, dossier 4711, valgus_genou = 12.9"
+    r = live_server.client().chat.completions.create(model="aria-ft", messages=_user(secret), max_tokens=8,
+                                                     temperature=0)  # fmt: skip
+    log = live_server.log()
+    assert "POST /v1/chat/completions 200" in log  # requests are logged...
+    assert "Dupont" not in log and "4711" not in log  # ...their content is not
+    answer = r.choices[0].message.content
+    if len(answer.strip()) >= 6:  # long enough not to appear by chance
+        assert answer not in log

@@ -159,3 +159,16 @@ def test_closing_a_stream_frees_its_batch_slot(engine):
 
     asyncio.run(run())
     assert engine.running == 0 and engine.queue_depth == 0
+
+
+def test_prompts_are_logged_only_when_asked(tiny_model_dir, caplog):
+    eng = create_engine(
+        "transformers", str(tiny_model_dir), options=EngineOptions(log_prompts=True, threads=1)
+    )
+    eng.start()
+    try:
+        with caplog.at_level("INFO", logger="medtune.serve.engines.transformers"):
+            eng.generate_batch([_req("Patient Dupont, dossier 4711", max_tokens=2)])
+    finally:
+        eng.close()
+    assert "Dupont" in caplog.text
