@@ -347,6 +347,14 @@ class TransformersEngine(Engine):
         return out.logits[:, -1, :].float().cpu()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        gone = [s for s in seqs if s.req.adapter is not None and s.req.adapter not in self.adapters.paths]
+        if gone:  # unloaded between the request's arrival and its turn
+            deliver_all(
+                [(s, ModelNotFound(f"adapter {s.req.adapter!r} was unloaded", param="model")) for s in gone]
+            )
+            seqs = [s for s in seqs if s not in gone]
+            if not seqs:
+                return
         width = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
