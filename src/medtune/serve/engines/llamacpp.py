@@ -128,7 +128,10 @@ class LlamaCppEngine(Engine):
         cparams.n_seq_max = self.n_seq
         cparams.kv_unified = False  # one KV slot of max_context cells per sequence
         cparams.n_ctx = self._max_context * self.n_seq
-        cparams.n_batch = cparams.n_ubatch = max(512, min(self._max_context, 2048))
+        cparams.n_batch = cparams.n_ubatch = 512  # longer prompts are fed in chunks, between decode steps
+        # As llama-cpp-python's own default: on this CPU, flash attention made one decode step of the
+        # embedded model slower (small heads), and it changes nothing for correctness.
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
         with native_output():
