@@ -128,3 +128,17 @@ def test_unknown_bpe_pretokenizer_fails_naming_the_cause(tiny_model_dir, tmp_pat
     with pytest.raises(ModelError, match="BPE pre-tokenizer is unknown"):
         export_ggufs(model, out, ["f16"])
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_without_chat_template_still_exports(tiny_model_dir, tmp_path):
+    """A base model (continued pretraining only) has no chat format: its GGUF has no template either."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (file,) = export_ggufs(model, tmp_path / "out", ["q8_0"])
+    meta = read_metadata(file.path)
+    assert "tokenizer.chat_template" not in meta
+    assert token_text(file.path, meta["tokenizer.ggml.eos_token_id"]) == "<|im_end|>"

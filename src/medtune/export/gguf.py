@@ -84,7 +84,7 @@ def parse_quant(name: str) -> str:
 def _load_tokenizer(model_dir: Path) -> Any:
     from medtune.train.models import load_tokenizer
 
-    return load_tokenizer(model_dir)
+    return load_tokenizer(model_dir, chat=False)  # a base model without a chat template exports too
 
 
 def _space_after_special(tokenizer: Any) -> bool | None:
@@ -116,10 +116,6 @@ def stage_model(model_dir: Path, tokenizer: Any, dest: Path) -> Path:
         after = _space_after_special(tokenizer)
         if after is not None:
             cfg["add_prefix_space"] = after
-    if tokenizer.chat_template and not cfg.get("chat_template"):
-        # A template set by the recipe (model.chat_template) is not in the folder's files yet.
-        (dest / "chat_template.jinja").unlink(missing_ok=True)
-        cfg["chat_template"] = tokenizer.chat_template
     (dest / "tokenizer_config.json").write_text(
         json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8"
     )
@@ -155,7 +151,7 @@ def _kv_overrides(tokenizer: Any) -> dict[str, int | bool]:
     from medtune.data.templates import end_of_turn_tokens
 
     kv: dict[str, int | bool] = {}
-    stops = end_of_turn_tokens(tokenizer)
+    stops = end_of_turn_tokens(tokenizer) if tokenizer.chat_template else []
     if stops:
         eot = tokenizer.convert_tokens_to_ids(stops[0])
         if isinstance(eot, int) and eot != tokenizer.unk_token_id:
@@ -203,7 +199,10 @@ def check_tokenization(
         vocab = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
         for messages in conversations:
-            text = render_chat(messages, tokenizer, add_generation_prompt=True)
+            if tokenizer.chat_template:
+                text = render_chat(messages, tokenizer, add_generation_prompt=True)
+            else:  # no chat format to check: the texts alone
+                text = "\n".join(m["content"] for m in messages)
             ours = tokenizer.encode(text, add_special_tokens=False)
             theirs = vocab.tokenize(text.encode(), add_bos=False, special=True)
             if ours != theirs:
