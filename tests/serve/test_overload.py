@@ -15,10 +15,9 @@ MESSAGES = [{"role": "user", "content": "Mesures du coureur : valgus_genou = 12.
 
 @pytest.fixture(scope="module")
 def tight_server(server_factory, tiny_model_dir):
-    """One request decoding, one waiting, anything more refused; half a second per request.
-    The untrained tiny model rarely stops on its own, so long answers really take long."""
-    return server_factory(tiny_model_dir, args=["--max-batch-size", "1", "--max-queue", "1",
-                                                "--request-timeout", "0.5"])  # fmt: skip
+    """One request decoding, one waiting, anything more refused. The untrained tiny model rarely
+    stops on its own, so long answers really take long."""
+    return server_factory(tiny_model_dir, args=["--max-batch-size", "1", "--max-queue", "1"])
 
 
 def _post(server, body: dict, client: httpx.AsyncClient | None = None):
@@ -37,20 +36,27 @@ def test_a_full_queue_answers_429_and_the_server_keeps_serving(tight_server):
     assert statuses.count(429) >= 4, statuses
     refused = next(r for r in responses if r.status_code == 429).json()["error"]
     assert refused["type"] == "rate_limit_error" and refused["code"] == "queue_full"
-    assert set(statuses) <= {200, 408, 429}
+    assert set(statuses) <= {200, 429}
     ok = httpx.post(f"{tight_server.base_url}/v1/chat/completions", headers=tight_server.headers(), timeout=60,
                     json={"model": "aria-ft", "messages": MESSAGES, "max_tokens": 1})  # fmt: skip
     assert ok.status_code == 200
 
 
-def test_a_request_over_the_timeout_gets_408(tight_server):
-    r = httpx.post(f"{tight_server.base_url}/v1/chat/completions", headers=tight_server.headers(), timeout=60,
+def test_a_request_over_the_timeout_gets_408(server_factory, tiny_model_dir):
+    # 950 tokens in 50 ms would take ~20000 tokens/s: far beyond this engine on a CPU.
+    server = server_factory(tiny_model_dir, args=["--request-timeout", "0.05"])
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.headers(), timeout=60,
                    json={"model": "aria-ft", "messages": MESSAGES, "max_tokens": 950, "temperature": 0})  # fmt: skip
     assert r.status_code == 408
     assert r.json()["error"]["code"] == "timeout"
-    metrics = httpx.get(f"{tight_server.base_url}/metrics", headers=tight_server.headers(), timeout=10).text
+    for _ in range(50):  # the timed-out request frees its batch slot at the scheduler's next step
+        metrics = httpx.get(f"{server.base_url}/metrics", headers=server.headers(), timeout=10).text
+        if "medtune_running_requests 0.0" in metrics:
+            break
+        time.sleep(0.1)
+    assert "medtune_running_requests 0.0" in metrics
     assert 'medtune_requests_total{route="/v1/chat/completions",status="408"}' in metrics
-    assert 'medtune_requests_total{route="/v1/chat/completions",status="429"}' in metrics
+    server.stop()
 
 
 def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(server_factory, tiny_model_dir):

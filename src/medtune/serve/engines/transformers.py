@@ -5,10 +5,9 @@
     engine.start()          # loads the model and starts the scheduler thread
 
 A scheduler thread decodes every running request together, one token per step, over one shared KV
-cache (`DynamicCache`). New requests join between steps: they are prefilled together (left padding,
-attention mask, position ids counted from each row's first real token) and their cache rows are
-left-padded to the running batch's length and concatenated to it; finished rows are dropped and
-all-padding columns trimmed. Every row keeps its own sampling settings, stop strings, seed,
+cache (`kv_batch.RunningBatch`). New requests join between steps: they are prefilled together (left
+padding, attention mask, position ids counted from each row's first real token) and their cache rows
+join the running ones; finished rows are dropped. Every row keeps its own sampling settings, stop strings, seed,
 xgrammar matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone
 or batched. The event loop only tokenises, validates and waits on a per-request queue; the bounded
 waiting queue turns overload into `QueueFull` (HTTP 429).
@@ -29,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from medtune.errors import MedtuneError, ModelError
 from medtune.serve.adapters import AdapterSet
@@ -42,6 +39,7 @@ from medtune.serve.engines.base import (
     GenerationResult,
     StreamDelta,
 )
+from medtune.serve.engines.kv_batch import RunningBatch, prefill_inputs
 from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, QueueFull, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
@@ -68,11 +66,7 @@ class TransformersEngine(Engine):
         self._model_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # The running batch (scheduler thread only).
-        self._rows: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._next: torch.Tensor | None = None
+        self._batch = RunningBatch()  # the rows decoding now (scheduler thread only)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -163,11 +157,10 @@ class TransformersEngine(Engine):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for seq in list(self._waiting) + self._rows:
-            seq.deliver(ShuttingDown("the server stopped before this request finished"))
+        left = list(self._waiting) + self._batch.rows
+        deliver_all([(s, ShuttingDown("the server stopped before this request finished")) for s in left])
         self._waiting.clear()
-        self._rows = []
-        self._cache = None
+        self._batch.clear()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -201,7 +194,9 @@ class TransformersEngine(Engine):
 
     def unload_adapter(self, name: str) -> None:
         with self._model_lock:
-            busy = [s for s in list(self._waiting) + self._rows if s.req.adapter == name and not s.finished]
+            busy = [
+                s for s in list(self._waiting) + self._batch.rows if s.req.adapter == name and not s.finished
+            ]
             if busy:
                 raise Conflict(
                     f"adapter {name!r} has {len(busy)} request(s) in flight; retry when they finish"
@@ -216,7 +211,7 @@ class TransformersEngine(Engine):
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return len(self._batch)
 
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         if not self.loaded or self._stopping:
@@ -242,7 +237,7 @@ class TransformersEngine(Engine):
             if bounded and len(self._waiting) >= self.options.max_queue:
                 raise QueueFull(
                     f"the request queue is full ({self.options.max_queue} waiting, "
-                    f"{len(self._rows)} running); retry later"
+                    f"{len(self._batch)} running); retry later"
                 )
             self._waiting.append(seq)
             self._cond.notify()
@@ -295,31 +290,29 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._rows:
+                    while not self._stopping and not self._waiting and not self._batch.rows:
                         self._cond.wait()
                     if self._stopping:
                         return
                     admit = self._admit()
                 try:
                     with self._model_lock:
-                        self._drop_finished()
+                        self._batch.drop_finished()
                         if admit:
                             self._prefill(admit)
-                        if self._rows:
+                        if self._batch.rows:
                             self._decode()
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
                     log.exception("decoding step failed")
-                    for seq in self._rows + admit:
-                        if not seq.finished:
-                            seq.deliver(ServeError(f"decoding failed: {type(exc).__name__}"))
-                            seq.cancel()
-                    self._rows, self._cache, self._mask, self._next = [], None, None, None
+                    failed = [s for s in self._batch.rows + admit if not s.finished]
+                    deliver_all([(s, ServeError(f"decoding failed: {type(exc).__name__}")) for s in failed])
+                    for seq in failed:
+                        seq.cancel()
+                    self._batch.clear()
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests that join the batch now (caller holds the condition)."""
-        room = self.options.max_batch_size - len(self._rows)
-        if self._rows and not self._can_merge():
-            room = 0
+        room = self.options.max_batch_size - len(self._batch) if self._batch.can_merge() else 0
         admit = []
         while self._waiting and len(admit) < room:
             seq = self._waiting.popleft()
@@ -327,14 +320,9 @@ class TransformersEngine(Engine):
                 admit.append(seq)
         return admit
 
-    def _can_merge(self) -> bool:
-        # Sliding-window or linear-attention caches cannot be left-padded and concatenated safely:
-        # such models are batched dynamically (a new batch starts when the running one ends).
-        return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
-
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
                  seqs: list[Sequence]) -> torch.Tensor:  # fmt: skip
-        extra = self.adapters.forward_kwargs([s.req.adapter for s in seqs])
+        """Last-position logits (float32, CPU) for every row, each through its own adapter."""
         out = self.adapters.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -342,66 +330,33 @@ class TransformersEngine(Engine):
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **extra,
+            **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
         )
         return out.logits[:, -1, :].float().cpu()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         gone = [s for s in seqs if s.req.adapter is not None and s.req.adapter not in self.adapters.paths]
         if gone:  # unloaded between the request's arrival and its turn
-            deliver_all(
-                [(s, ModelNotFound(f"adapter {s.req.adapter!r} was unloaded", param="model")) for s in gone]
-            )
+            deliver_all([(s, ModelNotFound(f"adapter {s.req.adapter!r} was unloaded", param="model"))
+                         for s in gone])  # fmt: skip
             seqs = [s for s in seqs if s not in gone]
             if not seqs:
                 return
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.adapters.model.config)
+        ids, mask, pos, cache = prefill_inputs(seqs, self.pad_id, self.adapters.model.config)
         t0 = time.perf_counter()
         logits = self._forward(ids, mask, pos, cache, seqs)
-        log.debug("prefill %d x %d tokens in %.1f ms", len(seqs), width, 1000 * (time.perf_counter() - t0))
+        log.debug("prefill %d x %d tokens in %.1f ms", *ids.shape, 1000 * (time.perf_counter() - t0))
         tokens = self._step(seqs, logits)
         keep = [i for i, s in enumerate(seqs) if not s.finished]
-        if not keep:
-            return
-        index = torch.tensor(keep, device=self.device)
-        cache.batch_select_indices(index)
-        self._merge(cache, mask[keep], [seqs[i] for i in keep], tokens[keep])
-
-    def _merge(
-        self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor
-    ) -> None:
-        if not self._rows:
-            self._cache, self._mask, self._rows, self._next = cache, mask, seqs, nxt
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-
-        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = width - t.shape[-dim_from_end]
-            if missing == 0:
-                return t
-            return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
-
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)], dim=0)
-            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
-        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)], dim=0)
-        self._rows = self._rows + seqs
-        self._next = torch.cat([self._next, nxt])
+        if keep:
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            self._batch.add(cache, mask[keep], [seqs[i] for i in keep], tokens[keep])
 
     def _decode(self) -> None:
-        mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
-        pos = mask.sum(-1, keepdim=True) - 1
-        logits = self._forward(self._next.view(-1, 1), mask, pos, self._cache, self._rows)
-        self._mask = mask
-        self._next = self._step(self._rows, logits)
-        self._drop_finished()
+        ids, mask, pos = self._batch.decode_inputs()
+        logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows)
+        self._batch.advance(mask, self._step(self._batch.rows, logits))
+        self._batch.drop_finished()
 
     def _step(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Choose, record and deliver each row's next token; return the tokens (the next inputs)."""
@@ -416,27 +371,6 @@ class TransformersEngine(Engine):
                 done = seq.finish_completed()
                 delta.text += done.text
                 delta.finish_reason = done.finish_reason
-            if delta is not None:
-                out.append((seq, delta))
+            out.append((seq, delta))
         deliver_all(out)
         return torch.tensor([t for t, _ in chosen], dtype=torch.long)
-
-    def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not s.finished]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask, self._next = [], None, None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._rows = [self._rows[i] for i in keep]
-        self._mask = self._mask[keep]
-        self._next = self._next[keep]
-        # Trim columns that are padding for every remaining row.
-        first = int((self._mask.sum(0) > 0).nonzero()[0])
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
