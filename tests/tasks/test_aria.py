@@ -122,10 +122,20 @@ def test_reference_answer_is_compact_json_citing_the_signal():
 
 def test_prompt_lists_every_measurement_and_shows_deciding_digits():
     prompt = TASK.render_prompt(case(inclinaison_tronc=7.04, age=34, sexe="femme", km_semaine=40))
-    assert "inclinaison_tronc: 7.04°" in prompt  # not rounded to 7.0: that would hide the decision
-    assert "longueur_foulée: 0.85 m" in prompt and "heel_strike_index: 0.30" in prompt
+    # not rounded to 7.0: that would hide the decision; the gap to the threshold is shown signed
+    assert "inclinaison_tronc: 7.04° (seuil 7°, +0.6%)" in prompt
+    assert "longueur_foulée: 0.85 m (seuil 1.35 m, -37.0%)" in prompt
+    assert "heel_strike_index: 0.30 (seuil 0.7, -57.1%)" in prompt
     assert "Coureur: 34 ans, femme, 40 km/semaine" in prompt
     assert TASK.label(case(inclinaison_tronc=7.04)) == "Lombalgie mécanique"
+
+
+def test_prompt_gap_never_hides_which_side_of_the_threshold():
+    at = TASK.render_prompt(case(valgus_genou=10.0))
+    assert "valgus_genou: 10.0° (seuil 10°, 0.0%)" in at
+    just_above = TASK.render_prompt(case(valgus_genou=10.001))
+    assert "(seuil 10°, +0.010%)" in just_above
+    assert TASK.label(case(valgus_genou=10.001)) == "Syndrome fémoro-patellaire (SFP)"
 
 
 def test_validate_input_accepts_aliases_and_strings():

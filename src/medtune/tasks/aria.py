@@ -23,7 +23,17 @@ import jsonschema
 
 from medtune.errors import DataError
 from medtune.tasks import aria_generate as gen
-from medtune.tasks.aria_rules import CONFIDENCES, FIELDS, LABELS, NO_PATHOLOGY, diagnose, fmt, validate_input
+from medtune.tasks.aria_rules import (
+    CONFIDENCES,
+    FIELDS,
+    LABELS,
+    NO_PATHOLOGY,
+    diagnose,
+    fmt,
+    fmt_threshold,
+    relative_gap,
+    validate_input,
+)
 from medtune.tasks.base import Task, fold_text
 
 INVALID = "invalid"  # confusion-matrix column for answers without a known pathology
@@ -53,7 +63,12 @@ class AriaTask(Task):
 
     def render_prompt(self, record: dict[str, Any]) -> str:
         r = validate_input(record)
-        lines = ["Mesures de course:"] + [f"{f}: {fmt(f, r[f])}" for f in FIELDS]
+        # Each measurement with its reference threshold and signed relative gap, as a lab report shows
+        # reference ranges: the model still has to pick the pathology (largest positive gap, Achille's
+        # double condition, none above), but it need not learn division on digit strings.
+        lines = ["Mesures de course (valeur, seuil, écart au seuil):"] + [
+            f"{f}: {fmt(f, r[f])} (seuil {fmt_threshold(f)}, {relative_gap(f, r[f])})" for f in FIELDS
+        ]
         context = []
         if "age" in r:
             context.append(f"{r['age']:g} ans")

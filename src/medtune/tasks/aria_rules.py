@@ -88,6 +88,18 @@ def fmt_threshold(field: str) -> str:
     return f"{thr:g}{FIELDS[field].unit}"
 
 
+def relative_gap(field: str, value: float) -> str:
+    """Signed gap to the threshold in percent, e.g. "+2.0%"; never shows 0.0 for a value that fires."""
+    thr = THRESHOLDS[field]
+    pct = (value - thr) / thr * 100
+    text = f"{pct:+.1f}%"
+    if value != thr and text in ("+0.0%", "-0.0%"):
+        text = f"{pct:+.3f}%"
+    elif value == thr:
+        text = "0.0%"
+    return text
+
+
 def _number(record: dict[str, Any], key: str, where: str) -> float:
     value = record[key]
     if isinstance(value, bool):
