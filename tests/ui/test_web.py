@@ -41,11 +41,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ui_url(tiny_model_dir: Path) -> Iterator[str]:
+def ui_url(served_model_dir: Path) -> Iterator[str]:
+    # The tiny model after a short SFT on aria-like answers: it writes visible text, not blank lines.
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medtune.cli", "ui", "--model", str(tiny_model_dir), "--port", str(port)],
+        [sys.executable, "-m", "medtune.cli", "ui", "--model", str(served_model_dir), "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

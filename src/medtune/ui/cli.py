@@ -112,7 +112,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from medtune.ui.web import launch
 
     with _backend(args) as backend:
-        launch(backend, host=args.host, port=args.port)
+        launch(backend, host=args.host, port=args.port, selected=_adapters(args.adapter)[1])
     return 0
 
 

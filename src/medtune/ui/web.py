@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, ModelError
 from medtune.tasks import get_task
 from medtune.ui.backends import Backend, ChatRequest
 
@@ -71,16 +71,20 @@ def error_card(message: str) -> str:
     return f'<div class="aria-card aria-error"><h3>Cannot diagnose</h3><p>{html.escape(message)}</p></div>'
 
 
-def build_app(backend: Backend, title: str = "medtune") -> gr.Blocks:
-    """The page as a Gradio Blocks app (not launched)."""
+def build_app(backend: Backend, title: str = "medtune", selected: str | None = None) -> gr.Blocks:
+    """The page as a Gradio Blocks app (not launched); `selected` preselects an adapter or served model."""
     aria = get_task("aria")
     headache = get_task("headache")
     models = backend.models()
+    if selected is not None and selected not in models:
+        raise ModelError(f"--adapter {selected}: not among the models: {', '.join(models)}")
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nAnswers from `{backend.describe()}`.")
         with gr.Row():
-            model = gr.Dropdown(models, value=models[0], label="Model or adapter", elem_id="model")
+            model = gr.Dropdown(
+                models, value=selected or models[0], label="Model or adapter", elem_id="model"
+            )
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (chat)")
             max_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max tokens (chat and report)")
 
@@ -221,12 +225,18 @@ def _streamed(backend: Backend, request: ChatRequest) -> Iterator[str]:
     except MedtuneError as exc:
         yield f"{text}\n\n**Error:** {exc}"
         return
-    if not text:
+    if not text.strip():  # nothing a person could see: say so rather than show a blank
         yield "*(empty answer)*"
 
 
-def launch(backend: Backend, host: str = "127.0.0.1", port: int = 7860, title: str = "medtune") -> None:
+def launch(
+    backend: Backend,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    title: str = "medtune",
+    selected: str | None = None,
+) -> None:
     """Serve the page until interrupted (blocking)."""
-    app = build_app(backend, title=title)
+    app = build_app(backend, title=title, selected=selected)
     app.queue(default_concurrency_limit=8)
     app.launch(server_name=host, server_port=port, css=CSS, show_error=True, footer_links=[], quiet=False)
