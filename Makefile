@@ -23,12 +23,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-test: $(STAMP) lint
+# The docs build strictly and Debian's chromium is installed for the browser test.
+test: $(STAMP) lint browser doc
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP)
