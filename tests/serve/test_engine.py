@@ -172,3 +172,23 @@ def test_prompts_are_logged_only_when_asked(tiny_model_dir, caplog):
     finally:
         eng.close()
     assert "Dupont" in caplog.text
+
+
+def test_greedy_output_matches_transformers_generate(engine, tiny_model_dir):
+    """The engine's own cache and batching change nothing: same tokens as `model.generate`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    reqs = [_req(p, max_tokens=30) for p in PROMPTS]
+    ours = engine.generate_batch(reqs)
+    for prompt, result in zip(PROMPTS, ours, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(
+                **ids, max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.eos_token_id
+            )
+        expected = out[0, ids["input_ids"].shape[1] :].tolist()
+        assert result.token_ids == expected[: len(result.token_ids)]
+        assert len(result.token_ids) == len(expected)

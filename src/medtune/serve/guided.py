@@ -97,6 +97,10 @@ class Guide:
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
 
+    def is_cached(self, constraint: Constraint) -> bool:
+        with self._lock:
+            return constraint.cache_key() in self._compiled
+
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         """The compiled grammar for a constraint (cached by its content)."""
         key = constraint.cache_key()

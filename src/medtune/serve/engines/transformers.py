@@ -247,6 +247,8 @@ class TransformersEngine(Engine):
 
     async def _stream(self, req: GenerationRequest, bounded: bool) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
+        if req.constraint is not None and self.guide is not None and not self.guide.is_cached(req.constraint):
+            await asyncio.to_thread(self.guide.compile, req.constraint)  # a new schema: not on the event loop
         seq = self._prepare(req, loop)
         self._submit(seq, bounded)
         if self.options.log_prompts:
