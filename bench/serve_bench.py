@@ -11,8 +11,9 @@ an untrained embedded "small" model is built and the report says so. Each of `--
    client: `--requests` calls one after another (P50 / P99 latency, requests/s), then the same calls
    from 8 concurrent clients (requests/s);
 2. in-process, decodes the same prompts greedily with the schema constraint and without it, capped at
-   the constrained answer's length so both produce the same number of tokens, and compares seconds
-   per token; for reference, the same with `model.generate` and xgrammar's stock HF logits processor.
+   the constrained answer's length so both produce the same number of tokens (alternating which goes
+   first), and compares seconds per token; for reference, the same with `model.generate` (one CPU
+   thread, like the engine) and xgrammar's stock HF logits processor.
 
 Numbers are medians over rounds. The machine is shared: compare ratios measured in the same round.
 """
@@ -143,18 +144,25 @@ def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
     n_tokens = 0
     try:
         prompts = [engine.render(TASK.messages(r)) for r in records]
-        for prompt in prompts:  # constrained length first, then the same length without the grammar
-            c = GenerationRequest(prompt=prompt, constraint=Constraint("json_schema", schema),
-                                  sampling=SamplingParams(temperature=0.0, max_tokens=TASK.max_tokens))  # fmt: skip
+        constrained = Constraint("json_schema", schema)
+
+        def run(prompt: str, n: int, guided: bool) -> tuple[float, int]:
+            req = GenerationRequest(prompt=prompt, constraint=constrained if guided else None,
+                                    sampling=SamplingParams(temperature=0.0, max_tokens=n))  # fmt: skip
             t0 = time.perf_counter()
-            n = engine.generate_batch([c])[0].completion_tokens
-            per_token["constrained"] += time.perf_counter() - t0
-            f = GenerationRequest(prompt=prompt, sampling=SamplingParams(temperature=0.0, max_tokens=n))
-            t0 = time.perf_counter()
-            free = engine.generate_batch([f])[0].completion_tokens
-            per_token["free"] += (time.perf_counter() - t0) * n / free  # an early EOS: scale to n tokens
+            done = engine.generate_batch([req])[0].completion_tokens
+            return time.perf_counter() - t0, done
+
+        # The constrained answer's length, then both ways capped at it, in alternating order.
+        lengths = [run(p, TASK.max_tokens, True)[1] for p in prompts]
+        for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+            for guided in (True, False) if i % 2 else (False, True):
+                seconds, done = run(prompt, n, guided)
+                per_token["constrained" if guided else "free"] += seconds * n / done  # early EOS: scale to n
             n_tokens += n
-        # Reference: transformers generate() with xgrammar's stock HF logits processor.
+        # Reference: transformers generate() with xgrammar's stock HF logits processor, on one
+        # thread like the engine's scheduler (two threads are ~10x slower on a busy machine).
+        torch.set_num_threads(1)
         tok = AutoTokenizer.from_pretrained(model)
         hf = AutoModelForCausalLM.from_pretrained(model).eval()
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=hf.config.vocab_size)
