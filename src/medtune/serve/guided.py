@@ -92,7 +92,13 @@ class Guide:
         # Special tokens (chat markers such as <|im_start|>) never belong inside a constrained answer,
         # even when a tokenizer forgets to flag them special and xgrammar reads them as plain text.
         special = set(getattr(tokenizer, "all_special_ids", []) or []) - set(stop_token_ids)
-        self._forbidden = torch.tensor(sorted(i for i in special if 0 <= i < vocab_size), dtype=torch.long)
+        # Folded into the bitmask as an AND mask: bit i of word w is token 32 * w + i (int32 words).
+        keep = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
+        for i in special:
+            if 0 <= i < vocab_size:
+                keep[i // 32] &= ~(1 << (i % 32)) & 0xFFFFFFFF
+        self._keep = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in keep], dtype=torch.int32)
+        self._has_forbidden = any(w != 0xFFFFFFFF for w in keep)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
@@ -160,12 +166,12 @@ class Guide:
     def allocate(self, batch_size: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
 
-    @staticmethod
-    def fill(bitmask: torch.Tensor, row: int, matcher: xgr.GrammarMatcher) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, matcher: xgr.GrammarMatcher) -> None:
+        """Write the tokens `matcher` allows next (special tokens never) into `bitmask[row]`."""
         matcher.fill_next_token_bitmask(bitmask, row)
+        if self._has_forbidden:
+            bitmask[row] &= self._keep
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
-        if self._forbidden.numel():
-            logits[torch.tensor(rows)[:, None], self._forbidden] = float("-inf")
