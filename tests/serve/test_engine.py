@@ -192,3 +192,28 @@ def test_greedy_output_matches_transformers_generate(engine, tiny_model_dir):
         expected = out[0, ids["input_ids"].shape[1] :].tolist()
         assert result.token_ids == expected[: len(result.token_ids)]
         assert len(result.token_ids) == len(expected)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.75])
+def test_sampling_follows_the_temperature_scaled_distribution(tiny_model_dir, top_p):
+    import torch
+    from transformers import AutoTokenizer
+
+    from medtune.serve.engines.sequence import Sequence, choose_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(probs)
+    rows = 3000
+    seqs = [Sequence(GenerationRequest(prompt="x", sampling=SamplingParams(temperature=0.5, top_p=top_p, seed=i)),
+                     [1], 10, None, tokenizer, set(), None) for i in range(rows)]  # fmt: skip
+    chosen = [t for t, _ in choose_tokens(logits.repeat(rows, 1), seqs, None, None, tokenizer)]
+    expected = torch.softmax(logits / 0.5, dim=-1)  # [0.66, 0.24, 0.06, 0.005]
+    if top_p < 1.0:  # the nucleus: the smallest top set reaching 75% -> the first two tokens, renormalised
+        expected = torch.tensor([expected[0], expected[1], 0, 0]) / (expected[0] + expected[1])
+    observed = torch.bincount(torch.tensor(chosen), minlength=len(probs)).float() / rows
+    assert torch.allclose(observed, expected, atol=0.03), (observed, expected)
+    again = [t for t, _ in choose_tokens(logits.repeat(rows, 1), [
+        Sequence(GenerationRequest(prompt="x", sampling=SamplingParams(temperature=0.5, top_p=top_p, seed=i)),
+                 [1], 10, None, tokenizer, set(), None) for i in range(rows)], None, None, tokenizer)]  # fmt: skip
+    assert again == chosen  # seeded: the same draws again

@@ -196,8 +196,19 @@ def choose_tokens(
         guide.apply(logits, bitmask, rows)
     greedy = [s.sampling.greedy for s in seqs]
     tokens = logits.argmax(dim=-1).tolist() if any(greedy) else [0] * len(seqs)
+    # Plain temperature sampling for all such rows at once (Gumbel-max: argmax of logits / T minus the
+    # log of Exp(1) noise), the noise drawn from each row's own seeded generator.
+    plain = [i for i, s in enumerate(seqs) if not greedy[i] and s.sampling.top_p >= 1.0]
+    if plain:
+        noise = torch.empty(len(plain), logits.shape[-1])
+        for j, i in enumerate(plain):
+            noise[j].exponential_(generator=seqs[i].generator)
+        temps = torch.tensor([seqs[i].sampling.temperature for i in plain])[:, None]
+        picked = (logits[plain] / temps - noise.log()).argmax(dim=-1).tolist()
+        for i, t in zip(plain, picked, strict=True):
+            tokens[i] = t
     for i, s in enumerate(seqs):
-        if greedy[i]:
+        if greedy[i] or s.sampling.top_p >= 1.0:
             continue
         row = logits[i] / s.sampling.temperature
         probs = torch.softmax(row, dim=-1)
