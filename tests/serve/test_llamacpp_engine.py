@@ -74,6 +74,7 @@ def test_greedy_answers_equal_the_hf_model(engine, tiny_sft_model_dir):
         assert result.text == expected
         assert result.prompt_tokens == ids.shape[1]
     assert any(r.text.strip() for r in ours), "the SFT model answered nothing: the comparison is empty"
+    assert engine.reused_prompt_tokens > 0  # answers stayed exact with the shared system prompt reused
 
 
 def test_batched_equals_one_at_a_time_and_decodes_together(engine):
@@ -85,6 +86,17 @@ def test_batched_equals_one_at_a_time_and_decodes_together(engine):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     # Four requests in one llama_decode per step: far fewer steps than one request after another.
     assert batched_steps < sum(r.completion_tokens for r in alone)
+
+
+def test_a_finished_requests_cache_serves_the_next_prompts_shared_prefix(engine):
+    first, second = _chat(2, records_seed=21)  # same system prompt, other measurements
+    engine.generate_batch([first])
+    before = engine.reused_prompt_tokens
+    engine.generate_batch([second])
+    a, b = (engine.encode(engine.render(r.messages), add_bos=False) for r in (first, second))
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    assert shared > 20  # the system prompt at least
+    assert engine.reused_prompt_tokens - before == min(shared, len(b) - 1)
 
 
 def test_streamed_text_equals_the_whole_answer(engine):

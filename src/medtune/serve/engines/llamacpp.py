@@ -53,7 +53,7 @@ class _Slot:
     seq_id: int
     pending: list[int]
     n_past: int = 0
-    out_row: int = -1  # row of this step's logits, -1 when it produced none this step
+    fed: list[int] = field(default_factory=list)  # tokens whose keys/values are in the sequence's cache
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +90,7 @@ class LlamaCppEngine(Engine):
         self._stopping = False
         self._slots: list[_Slot] = []
         self.decode_steps = 0  # llama_decode calls so far (each serves every running request)
+        self.reused_prompt_tokens = 0  # prompt tokens found in a sequence's cache instead of computed
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class LlamaCppEngine(Engine):
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=sorted(self.eog_ids))
         self._bitmask = self.guide.allocate(self.n_seq)
         self._free_ids = list(range(self.n_seq))
+        self._cached: dict[int, list[int]] = {}  # free sequence id -> tokens still in its KV cache
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-llamacpp", daemon=True)
         self._thread.start()
@@ -336,9 +338,9 @@ class LlamaCppEngine(Engine):
                         self._cond.wait()
                     if self._stopping:
                         return
+                    self._release_finished()  # first: a request that just ended leaves its cache to reuse
                     self._admit()
                 try:
-                    self._release_finished()
                     if self._slots:
                         self._step()
                 except Exception as exc:  # a bug: fail the running requests, keep serving new ones
@@ -347,20 +349,36 @@ class LlamaCppEngine(Engine):
                         if not slot.seq.finished:
                             slot.seq.deliver(ServeError(f"decoding failed: {type(exc).__name__}"))
                             slot.seq.cancel()
-                    self._release_finished()
+                    self._release_finished(broken=True)
 
     def _admit(self) -> None:
-        """Give waiting requests a free sequence id (caller holds the condition)."""
+        """Give waiting requests a free sequence id (caller holds the condition). A finished request's
+        keys and values stay in its sequence, so the free sequence sharing the longest prefix with the
+        new prompt (the system prompt, the task's instructions) is reused and only the rest is computed,
+        as llama.cpp's own server does with its slots."""
         while self._waiting and self._free_ids:
             seq = self._waiting.popleft()
-            if not seq.cancelled:
-                self._slots.append(_Slot(seq, self._free_ids.pop(), list(seq.prompt_ids)))
+            if seq.cancelled:
+                continue
+            prompt = seq.prompt_ids
+            best = max(self._free_ids, key=lambda i: _common_prefix(self._cached.get(i, []), prompt))
+            self._free_ids.remove(best)
+            # At least the last prompt token is computed again: its logits choose the first answer token.
+            common = min(_common_prefix(self._cached.pop(best, []), prompt), len(prompt) - 1)
+            self._llama.llama_memory_seq_rm(self._memory, best, common, -1)
+            self.reused_prompt_tokens += common
+            self._slots.append(
+                _Slot(seq, best, list(prompt[common:]), n_past=common, fed=list(prompt[:common]))
+            )
 
-    def _release_finished(self) -> None:
+    def _release_finished(self, broken: bool = False) -> None:
         keep = []
         for slot in self._slots:
-            if slot.seq.finished:
-                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            if slot.seq.finished or broken:
+                if broken:  # the cache may hold half a step: forget it
+                    self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                else:
+                    self._cached[slot.seq_id] = slot.fed
                 self._free_ids.append(slot.seq_id)
             else:
                 keep.append(slot)
@@ -369,9 +387,10 @@ class LlamaCppEngine(Engine):
     def _step(self) -> None:
         """One llama_decode over every running request: a token each, plus chunks of new prompts."""
         batch, room, n = self._batch, self.n_batch, 0
+        for slot in self._slots:
+            slot.meta["logit_at"] = None
         for slot in sorted(self._slots, key=lambda s: len(s.pending)):  # decoding rows first
             take = slot.pending[:room - n] if slot.pending else []  # fmt: skip
-            slot.out_row = -1
             for k, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = slot.n_past + k
@@ -380,6 +399,7 @@ class LlamaCppEngine(Engine):
                 batch.logits[n] = k == len(slot.pending) - 1  # logits only after a whole prompt
                 n += 1
             slot.n_past += len(take)
+            slot.fed.extend(take)
             slot.pending = slot.pending[len(take) :]
             slot.meta["logit_at"] = n - 1 if take and not slot.pending else None
             if n == room:
@@ -410,3 +430,12 @@ class LlamaCppEngine(Engine):
                 seq.deliver(delta)
             if not seq.finished:
                 slot.pending = [token]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
