@@ -295,6 +295,10 @@ def compare_servers(gguf: Path, prompts: list[list[dict[str, str]]], work: Path,
 # --------------------------------------------------------------------------------------------------
 
 
+def step(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/aria")
@@ -310,23 +314,28 @@ def main() -> int:
     prompts = [messages_of(e) for e in examples]
     with tempfile.TemporaryDirectory(prefix="medtune-export-bench-") as tmp:
         work = Path(args.out_dir or tmp)
+        step(f"exporting {model} to {', '.join(QUANTS)}")
         t0 = time.perf_counter()
         files = {f.quant: f for f in export_ggufs(model, work, QUANTS, name="aria")}
         export_seconds = time.perf_counter() - t0
         hf_size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
 
+        step(f"fidelity on {args.fidelity} prompts")
         hf_greedy = greedy_texts("transformers", model, prompts[: args.fidelity], 256)
         f16_greedy = greedy_texts("llamacpp", files["f16"].path, prompts[: args.fidelity], 256)
         identical = sum(a == b for a, b in zip(hf_greedy, f16_greedy, strict=True))
 
+        step(f"accuracy on {len(examples)} cases and decode speed, per format")
         acc = {"hf": accuracy("transformers", model, examples)}
         speed = {"hf": decode_speed("transformers", model, prompts[:20])}
         for q, f in files.items():
             acc[q] = accuracy("llamacpp", f.path, examples)
             speed[q] = decode_speed("llamacpp", f.path, prompts[:20])
 
+        step("grammar overhead")
         grammar = grammar_overhead(files["q8_0"].path, prompts[:20])
         ctx = int(json.loads((model / "config.json").read_text())["max_position_embeddings"])
+        step("our server against llama_cpp.server")
         servers = compare_servers(files["q8_0"].path, prompts[: args.requests], work, ctx)
 
     section = render(run, model, files, hf_size, export_seconds, identical, args.fidelity, acc, speed, servers,
