@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import test_app
+
+from . import test_app
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.gguf

@@ -1,0 +1,1 @@
+"""Tests for medtune.eval (a package so that test file names may repeat across folders)."""
