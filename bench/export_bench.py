@@ -225,7 +225,9 @@ async def _calls(
                 t0 = time.perf_counter()
                 resp = await client.post("/v1/chat/completions", json=body)
                 latencies[i] = time.perf_counter() - t0
-                resp.raise_for_status()
+                if resp.status_code != 200:  # counted (no text, no tokens), not fatal: the table says so
+                    texts[i] = f"HTTP {resp.status_code}"
+                    continue
                 data = resp.json()
                 texts[i] = data["choices"][0]["message"]["content"]
                 tokens[i] = data["usage"]["completion_tokens"]
