@@ -205,6 +205,7 @@ def test_adapters_load_and_unload_at_run_time(live_server, lora_adapters):
 )  # fmt: skip
 def test_bad_requests_get_a_400_naming_the_problem(live_server, extra, param, words):
     body = {"model": "aria-ft", "messages": _user("Bonjour"), "max_tokens": 4}
+    extra = dict(extra)  # the parameters are shared with test_app_llamacpp.py: never mutate them
     if extra.pop("extra_body_regex", False):
         extra = {"guided_regex": "(?<=a)b"}
     body.update(extra)
