@@ -219,3 +219,32 @@ def test_a_bad_dataset_line_fails_the_data_step_and_is_recorded(tmp_path: Path) 
     m = manifest(tmp_path / "doctis-tinyllama")
     assert m["status"] == "failed"
     assert m["steps"]["data"]["status"] == "failed" and "qa.jsonl:2" in m["steps"]["data"]["error"]
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C during SFT leaves the manifest saying so; `--resume` continues from the last checkpoint."""
+    from transformers import TrainerCallback
+
+    import medtune.train.sft as sft
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    real = sft.train_sft
+    monkeypatch.setattr(sft, "train_sft", lambda *a, **kw: real(*a, callbacks=[CtrlC()], **kw))
+    only_sft = ["train.stages=[sft]", "train.sft.save_steps=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *only_sft)
+    m = manifest(tmp_path / "aria")
+    assert m["status"] == "interrupted" and m["steps"]["sft"]["status"] == "interrupted"
+
+    monkeypatch.undo()
+    with caplog.at_level("INFO"):
+        result = run(tmp_path, *only_sft, stage="sft", resume=True)
+    assert result.ran == ["sft"]  # data and model were complete before the interruption
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    assert manifest(tmp_path / "aria")["steps"]["sft"]["metrics"]["global_step"] == 4

@@ -207,14 +207,9 @@ class _Run:
         def work() -> dict[str, Any]:
             from medtune.train.models import build_embedded_model, embedded_dimensions
 
-            texts = corpus_texts(files)
-            build_embedded_model(
-                texts,
-                model.embedded,
-                out,
-                chat_template=model.chat_template or "chatml",
-                seed=self.recipe.seed,
-            )
+            template = model.chat_template or "chatml"
+            texts = corpus_texts(files, template)
+            build_embedded_model(texts, model.embedded, out, chat_template=template, seed=self.recipe.seed)
             return {
                 "output": "base",
                 "embedded": True,
@@ -286,15 +281,13 @@ class _Run:
     def eval_step(self, models: list[tuple[str, str, str]], files: RunData) -> None:
         """Score each (name, path, key) model on the test set with the task pack."""
         recipe = self.recipe
-        if not (recipe.task and recipe.eval.enabled and files.test is not None):
-            reason = (
-                "no task pack"
-                if not recipe.task
-                else "eval.enabled is false"
-                if not recipe.eval.enabled
-                else "no test set"
-            )
-            log.info("eval: skipped (%s)", reason)
+        reasons = {
+            "no task pack to score with": not recipe.task,
+            "eval.enabled is false": not recipe.eval.enabled,
+            "no test set": files.test is None,
+        }
+        if any(reasons.values()):
+            log.info("eval: skipped (%s)", next(r for r, skip in reasons.items() if skip))
             return
         if not self.procs.is_main:
             return
