@@ -52,7 +52,9 @@ def health(url: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def server(url: str, model: Path, served_name: str, port: int, api_key: str | None) -> Iterator[str]:
+def server(
+    url: str, model: Path, served_name: str, port: int, api_key: str | None, log_path: Path
+) -> Iterator[str]:
     """Yield a description of the server measured; start (and finally stop) one if none answers."""
     running = health(url)
     if running is not None:
@@ -62,7 +64,8 @@ def server(url: str, model: Path, served_name: str, port: int, api_key: str | No
         sys.exit(f"no server at {url} and no model at {model}: run `make demo` (or `make serve-ft`) first")
     cmd = [sys.executable, "-m", "medtune.cli", "serve", "--model", str(model), "--served-name", served_name,
            "--port", str(port)] + (["--api-key", api_key] if api_key else [])  # fmt: skip
-    log = open(model.parent / "benchmark-server.log", "w")  # noqa: SIM115 (closed below)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -125,11 +128,13 @@ def section(results: dict, ev: dict, bench: dict, served: str, command: str) -> 
         )
     mem = bench.get("peak_resident_memory_bytes")
     lines += ["", f"Peak resident memory of the serving process: {mem / 1e9:.2f} GB." if mem else "", ""]
-    lines += ["Targets:", "", "| metric | target | measured | result |", "|---|---|---|---|"]
+    lines += ["Targets:", "", "| metric | target | measured | result | source |", "|---|---|---|---|---|"]
     for t in results["targets"]:
         value = f"{t['value']:.3f}" if t["value"] is not None else "–"
         verdict = {True: "pass", False: "FAIL", None: "not measured"}[t["passed"]]
-        lines.append(f"| {t['metric']} | {t['op']} {t['threshold']:g} | {value} | {verdict} |")
+        lines.append(
+            f"| {t['metric']} | {t['op']} {t['threshold']:g} | {value} | {verdict} | {t['source']} |"
+        )
     return "\n".join(lines)
 
 
@@ -145,6 +150,10 @@ def main() -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/aria", help="run folder (default runs/aria)")
+    parser.add_argument(
+        "--stage", default="dpo", help="model of the run to serve when no server runs (default dpo)"
+    )
+    parser.add_argument("--out", help="output folder (default RUN/benchmark)")
     parser.add_argument("--url", default=f"http://127.0.0.1:{settings.port}")
     parser.add_argument("--served-name", default=settings.served_name)
     parser.add_argument("--concurrency", default="1,2,4,8,16")
@@ -153,13 +162,15 @@ def main() -> int:
     args = parser.parse_args()
 
     run = Path(args.run)
-    out = run / "benchmark"
+    out = Path(args.out) if args.out else run / "benchmark"
     task = get_task("aria")
     test = run / "data" / "test.jsonl"
     examples = read_examples(test, task) if test.is_file() else task.generate_test(300, seed=2)
     (out / PREDICTIONS).unlink(missing_ok=True)
     port = int(args.url.rsplit(":", 1)[1].split("/")[0])
-    with server(args.url, run / "dpo", args.served_name, port, settings.api_key) as served:
+    with server(
+        args.url, run / args.stage, args.served_name, port, settings.api_key, out / "server.log"
+    ) as served:
         ev = run_eval(
             task, examples, out, endpoint=args.url, model=args.served_name, api_key=settings.api_key
         )
@@ -171,8 +182,8 @@ def main() -> int:
     print((out / "report.md").read_text(encoding="utf-8").split("## Quality")[0])
     print(f"report: {report}")
     if args.write:
-        command = "make benchmark" + (
-            f" (python bench/eval_bench.py --run {args.run})" if args.run != "runs/aria" else ""
+        command = (
+            "make benchmark" if len(sys.argv) == 2 else "python bench/eval_bench.py " + " ".join(sys.argv[1:])
         )
         write_section(section(results, ev, bench, served, command))
         print("BENCHMARKS.md: evaluation section updated")

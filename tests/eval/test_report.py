@@ -68,6 +68,7 @@ def test_report_has_plots_targets_and_inlined_images(tmp_path):
     verdict = {(t["metric"], t["source"]): t["passed"] for t in results["targets"]}
     # Seed: exact match >= 0.80 passes at 0.9; the recipe raises it to 0.95 and it fails.
     assert verdict[("pathology_exact_match", "recipe")] is False
+    assert verdict[("pathology_exact_match", "seed")] is True
     assert verdict[("json_valid", "seed")] is True
     # Latency targets use the lowest concurrency level: P50 0.2 s, P99 0.39 s.
     assert verdict[("latency_p50_s", "seed")] is True

@@ -108,13 +108,17 @@ def measured_values(ev: dict[str, Any] | None, bench: dict[str, Any] | None) -> 
 
 
 def check_targets(task: str | None, values: dict[str, float], extra: dict[str, float] | None) -> list[dict]:
-    """Each target with its measured value and pass (True/False, None when not measured)."""
-    targets = {t.metric: t for t in DEFAULT_TARGETS.get(task or "", [])}
-    targets.update({t.metric: t for t in recipe_targets(extra or {})})
-    return [
-        {**asdict(t), "value": values.get(t.metric), "passed": t.check(values.get(t.metric))}
-        for t in targets.values()
-    ]
+    """Each target with its measured value and pass (True/False, None when not measured). A recipe
+    target on a metric the seed also targets is listed beside it (e.g. exact match >= 0.80 and >= 0.95)."""
+    targets = DEFAULT_TARGETS.get(task or "", []) + recipe_targets(extra or {})
+    seen: set[tuple[str, str, float]] = set()
+    out = []
+    for t in targets:
+        if (t.metric, t.op, t.threshold) in seen:
+            continue
+        seen.add((t.metric, t.op, t.threshold))
+        out.append({**asdict(t), "value": values.get(t.metric), "passed": t.check(values.get(t.metric))})
+    return out
 
 
 def _load(path: Path) -> dict[str, Any] | None:
