@@ -67,6 +67,7 @@ class TransformersEngine(Engine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._batch = RunningBatch()  # the rows decoding now (scheduler thread only)
+        self._prefilling = 0  # rows admitted but not yet in the batch (counted as running)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -211,7 +212,7 @@ class TransformersEngine(Engine):
 
     @property
     def running(self) -> int:
-        return len(self._batch)
+        return len(self._batch) + self._prefilling
 
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         if not self.loaded or self._stopping:
@@ -297,11 +298,13 @@ class TransformersEngine(Engine):
                     if self._stopping:
                         return
                     admit = self._admit()
+                    self._prefilling = len(admit)
                 try:
                     with self._model_lock:
                         self._batch.drop_finished()
                         if admit:
                             self._prefill(admit)
+                        self._prefilling = 0
                         if self._batch.rows:
                             self._decode()
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
@@ -311,6 +314,7 @@ class TransformersEngine(Engine):
                     for seq in failed:
                         seq.cancel()
                     self._batch.clear()
+                    self._prefilling = 0
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests that join the batch now (caller holds the condition)."""
