@@ -90,3 +90,18 @@ def test_a_recipe_gives_defaults_that_the_environment_and_options_override(monke
     assert _pick(args, ServeSettings(), values, "max_queue") == 7
     assert _pick(argparse.Namespace(max_queue=9), ServeSettings(), values, "max_queue") == 9
     assert _pick(args, ServeSettings(), values, "port") == 8001  # not in the recipe: the default
+
+
+def test_a_gguf_model_picks_the_llamacpp_engine_unless_told_otherwise():
+    import argparse
+
+    from medtune.serve.cli import choose_engine
+
+    def args(**kw):
+        return argparse.Namespace(**{"engine": None, "model": None, **kw})
+
+    assert choose_engine(args(model="runs/aria/export/aria-Q8_0.gguf"), ServeSettings(), {}) == "llamacpp"
+    assert choose_engine(args(model="runs/aria/dpo"), ServeSettings(), {}) == "transformers"
+    explicit = args(model="m.gguf", engine="transformers")
+    assert choose_engine(explicit, ServeSettings(), {}) == "transformers"  # then its own error says why
+    assert choose_engine(args(), ServeSettings(), {"model": "x.gguf", "engine": "transformers"}) == "llamacpp"

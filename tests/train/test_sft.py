@@ -55,6 +55,18 @@ def test_only_assistant_tokens_carry_loss(tiny_model_dir, tmp_path):
         assert record["messages"][1]["content"] in full  # the prompt is there, as context only
 
 
+def test_examples_cut_by_max_length_are_reported(tiny_model_dir, tmp_path, caplog):
+    records = tiny_chat_records(6)
+    with caplog.at_level("WARNING", logger="medtune.train.common"):
+        build_sft_trainer(tiny_model_dir, records, None, StageConfig(), ModelConfig(), tmp_path, seed=0)
+    assert "max_length" not in caplog.text
+    stage = StageConfig(max_length=16)  # shorter than the system prompt alone: all six are cut
+    with caplog.at_level("WARNING", logger="medtune.train.common"):
+        build_sft_trainer(tiny_model_dir, records, None, stage, ModelConfig(), tmp_path, seed=0)
+    assert "6 of 6 examples are longer than train.sft.max_length=16" in caplog.text
+    assert "6 of them had nothing left to learn from and were dropped" in caplog.text
+
+
 def test_template_without_generation_markers_masks_the_prompt(tiny_model_dir, tmp_path):
     """A base whose template TRL cannot mark falls back to prompt/completion with the same mask."""
     model_dir = tmp_path / "model"

@@ -112,12 +112,23 @@ def _pick(args: argparse.Namespace, settings: ServeSettings, recipe: dict[str, A
     return recipe[name]
 
 
+def choose_engine(args: argparse.Namespace, settings: ServeSettings, recipe: dict[str, Any]) -> str:
+    """The engine asked for; a .gguf model without an explicit --engine means llama.cpp (the transformers
+    engine cannot read one)."""
+    name = _pick(args, settings, recipe, "engine")
+    model = _pick(args, settings, recipe, "model")
+    if args.engine is None and model and Path(str(model)).suffix == ".gguf" and name == "transformers":
+        log.info("--model is a GGUF file: serving it with the llamacpp engine")
+        return "llamacpp"
+    return name
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings()
     recipe, recipe_adapters = recipe_defaults(args.recipe)
     opt = lambda name: _pick(args, settings, recipe, name)  # noqa: E731
     adapters = {**recipe_adapters, **parse_adapters(args.adapter or [])}
-    engine_name = opt("engine")
+    engine_name = choose_engine(args, settings, recipe)
     if engine_name == "vllm":
         from medtune.serve.engines.vllm import VllmOptions, check_vllm, exec_vllm
 

@@ -123,6 +123,36 @@ def trainer_arguments(
     return kwargs
 
 
+def warn_if_truncated(dataset: Any, max_length: int | None, label: str, n_given: int | None = None) -> int:
+    """Log how many examples `max_length` cuts (their ends: the answers); return that count.
+
+    SFT datasets come truncated from TRL, which also drops the examples left with no answer token at all
+    (`n_given` - len(dataset) of them); an example at exactly `max_length` tokens counts as cut. DPO
+    datasets keep prompt, chosen and rejected ids apart and are cut in the collator."""
+    if dataset is None or not max_length:
+        return 0
+    columns = dataset.column_names
+    if "chosen_ids" in columns:
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]  # fmt: skip
+        cut = sum(n > max_length for n in lengths)
+    elif "input_ids" in columns:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        cut = sum(n >= max_length for n in lengths)
+    else:
+        return 0
+    total = max(n_given or 0, len(lengths))
+    dropped = total - len(lengths)
+    if cut or dropped:
+        log.warning(
+            "%s: %d of %d examples are longer than train.%s.max_length=%d tokens and lose their end (the "
+            "answer and its end-of-turn token)%s: raise max_length",
+            label, cut + dropped, total, label, max_length,
+            f"; {dropped} of them had nothing left to learn from and were dropped" if dropped else "",
+        )  # fmt: skip
+    return cut + dropped
+
+
 def stage_callbacks(stage: StageConfig, out_dir: Path, label: str, has_eval: bool) -> list[Any]:
     from transformers import EarlyStoppingCallback
 

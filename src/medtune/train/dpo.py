@@ -20,7 +20,14 @@ from typing import Any
 from medtune.config import ModelConfig, StageConfig
 from medtune.errors import ConfigError
 from medtune.train.checkpoints import AtomicCheckpointMixin
-from medtune.train.common import StageResult, require_records, run_stage, stage_callbacks, trainer_arguments
+from medtune.train.common import (
+    StageResult,
+    require_records,
+    run_stage,
+    stage_callbacks,
+    trainer_arguments,
+    warn_if_truncated,
+)
 from medtune.train.models import check_hardware, load_for_training, model_kind
 
 log = logging.getLogger(__name__)
@@ -111,4 +118,5 @@ def train_dpo(
         processing_class=tokenizer,
         callbacks=stage_callbacks(stage, out_dir, "dpo", eval_ds is not None) + list(callbacks or []),
     )
+    warn_if_truncated(trainer.train_dataset, stage.max_length, "dpo")
     return run_stage(trainer, out_dir, label="dpo", resume=resume, keep_checkpoints=keep_checkpoints)

@@ -23,7 +23,14 @@ from typing import Any
 from medtune.config import ModelConfig, StageConfig
 from medtune.errors import DataError
 from medtune.train.checkpoints import AtomicCheckpointMixin
-from medtune.train.common import StageResult, require_records, run_stage, stage_callbacks, trainer_arguments
+from medtune.train.common import (
+    StageResult,
+    require_records,
+    run_stage,
+    stage_callbacks,
+    trainer_arguments,
+    warn_if_truncated,
+)
 from medtune.train.models import check_hardware, load_for_training, model_kind
 
 log = logging.getLogger(__name__)
@@ -116,7 +123,7 @@ def build_sft_trainer(
         assistant_only_loss=mode == "assistant",
         completion_only_loss=True if mode == "completion" else None,
     )
-    return sft_trainer_class()(
+    trainer = sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -124,6 +131,9 @@ def build_sft_trainer(
         processing_class=tokenizer,
         callbacks=stage_callbacks(stage, out_dir, "sft", eval_ds is not None) + list(callbacks or []),
     )
+    if not stage.packing:  # packing chunks long examples on purpose
+        warn_if_truncated(trainer.train_dataset, stage.max_length, "sft", n_given=len(train_ds))
+    return trainer
 
 
 def train_sft(
