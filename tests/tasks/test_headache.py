@@ -251,7 +251,7 @@ def test_score_on_hand_made_predictions():
     assert m["n"] == 6
     assert m["format_compliance"] == pytest.approx(4 / 6)
     assert m["question_accuracy"] == pytest.approx(1 / 2)
-    assert m["red_flag_sensitivity"] == m["red_flag_detection"] == pytest.approx(1 / 2)
+    assert m["red_flag_sensitivity"] == pytest.approx(1 / 2)
     assert m["false_positive_rate"] == pytest.approx(1 / 4)
     assert m["decision_accuracy"] == pytest.approx(4 / 6)
     assert m["per_label"]["clarify"] == {"n": 2, "decision_accuracy": 1.0}
@@ -266,7 +266,7 @@ def test_score_is_strict_about_prefix_case_and_question_content():
     m = TASK.score(examples, [wrong_case, swapped, CLARIFY_ANSWER])
     assert m["format_compliance"] == pytest.approx(2 / 3)  # the swapped one still has three questions
     assert m["question_accuracy"] == pytest.approx(1 / 3)  # but not the standard ones in order
-    assert m["red_flag_detection"] is None  # no red-flag case to detect
+    assert m["red_flag_sensitivity"] is None  # no red-flag case to detect
     with pytest.raises(DataError, match="1 examples but 2 predictions"):
         TASK.score(examples[:1], ["a", "b"])
 

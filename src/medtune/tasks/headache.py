@@ -121,7 +121,7 @@ class HeadacheTask(Task):
           answer asks exactly three questions (three "?").
         - question_accuracy (clarify cases): `Pour préciser:` with exactly the three standard questions,
           in order (each holds its key words: depuis quand/caractère, fièvre/déficit, grossesse/traumatisme).
-        - red_flag_sensitivity (also under MISSION.md's name red_flag_detection): share of red_flag and
+        - red_flag_sensitivity (MISSION.md's "red-flag detection"): share of red_flag and
           ambiguous cases (reference = urgent MRI) answered
           with an urgent recommendation (a non-negated "urgence/urgent(e)" after `Recommandation:`).
         - false_positive_rate: share of no_red_flag and clarify cases (no red flag) answered urgent.
@@ -166,7 +166,6 @@ class HeadacheTask(Task):
             "format_compliance": tally["format"] / n,
             "question_accuracy": rate(tally["questions"], tally["clarify"]),
             "red_flag_sensitivity": rate(tally["detected"], tally["flagged"]),
-            "red_flag_detection": rate(tally["detected"], tally["flagged"]),  # MISSION.md's name, same number
             "false_positive_rate": rate(tally["false_pos"], tally["unflagged"]),
             "decision_accuracy": sum(v["correct"] for v in per.values()) / n,
             "per_label": {
