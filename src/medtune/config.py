@@ -101,6 +101,11 @@ class EmbeddedModelConfig(Strict):
     num_heads: int | None = None
     intermediate_size: int | None = None
     vocab_size: int = Field(640, ge=64, description="Tokenizer vocabulary trained on the corpus.")
+    split_digits: bool = Field(
+        True,
+        description="Tokenise numbers digit by digit. False lets frequent numbers ('1.35', '+12.4%)') become "
+        "tokens of their own: fewer tokens per example, and a small model compares them faster.",
+    )
     max_position_embeddings: int = Field(1024, ge=64)
 
 

@@ -71,7 +71,9 @@ def template_special_tokens(chat_template: str) -> tuple[str, str, list[str]]:
     return template, eot, [m for m in markers if m != eot]
 
 
-def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int, eos: str, symbols: list[str]) -> bytes:
+def _train_sentencepiece(
+    texts: list[str], vocab_size: int, seed: int, eos: str, symbols: list[str], split_digits: bool = True
+) -> bytes:
     """A Llama-style SentencePiece BPE model trained on `texts`, returned as the serialized proto."""
     import sentencepiece as spm
 
@@ -94,7 +96,7 @@ def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int, eos: str,
             hard_vocab_limit=False,  # a small corpus may not fill the vocabulary; that is fine
             byte_fallback=True,  # any character encodes (as bytes) even if unseen: lossless
             character_coverage=1.0,
-            split_digits=True,  # numbers tokenise digit by digit: thresholds stay comparable
+            split_digits=split_digits,  # model.embedded.split_digits
             # Lossless text: no Unicode normalisation, whitespace kept as is, no dummy prefix
             # (so HF, SentencePiece and llama.cpp tokenise a chat identically).
             normalization_rule_name="identity",
@@ -159,7 +161,7 @@ def build_embedded_model(
 
     template, eot, symbols = template_special_tokens(chat_template)
     dims = embedded_dimensions(cfg)
-    proto = _train_sentencepiece(list(texts), cfg.vocab_size, seed, eot, symbols)
+    proto = _train_sentencepiece(list(texts), cfg.vocab_size, seed, eot, symbols, cfg.split_digits)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "tokenizer.model").write_bytes(proto)

@@ -124,7 +124,10 @@ class LlamaCppEngine(Engine):
         train_ctx = self._model.n_ctx_train()
         self._max_context = min(opts.max_model_len or train_ctx, train_ctx)
         self.n_seq = opts.max_batch_size
-        threads = opts.threads or max(1, os.cpu_count() or 1)
+        # As the transformers engine: a small model's ops are too short to pay for a team of threads,
+        # and llama.cpp's threads spin while they wait, starving the HTTP side on a small machine.
+        small = self._model.n_params() < 50_000_000
+        threads = opts.threads or (1 if small else max(1, os.cpu_count() or 1))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_seq_max = self.n_seq
         cparams.kv_unified = False  # one KV slot of max_context cells per sequence
