@@ -66,6 +66,18 @@ def test_sentencepiece_file_matches_the_hf_tokenizer(tiny_model_dir):
         assert sp.encode(text) == tokenizer.encode(text)
 
 
+def test_numbers_become_whole_tokens_without_split_digits(tiny_model_factory):
+    texts = [f"longueur_foulée: {v / 100:.2f} m (seuil 1.35 m)" for v in range(100, 200)] * 20
+    split = AutoTokenizer.from_pretrained(tiny_model_factory("split", texts=texts, vocab_size=400))
+    whole = AutoTokenizer.from_pretrained(
+        tiny_model_factory("whole", texts=texts, vocab_size=400, split_digits=False)
+    )
+    assert split.tokenize("1.35") == ["1", ".", "3", "5"]
+    assert len(whole.tokenize("1.35")) < 4
+    for tokenizer in (split, whole):  # lossless either way
+        assert tokenizer.decode(tokenizer.encode("seuil 1.35 m", add_special_tokens=False)) == "seuil 1.35 m"
+
+
 def test_embedded_sizes_and_determinism(tiny_model_factory, tmp_path):
     small = models.embedded_dimensions(EmbeddedModelConfig(size="small"))
     assert small == {
