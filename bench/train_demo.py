@@ -105,7 +105,9 @@ def section(results: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"Measured {date} by `{command}`: each recipe run from scratch with `medtune run RECIPE` (generate data, "
         "train the tokenizer and build the ~2M-parameter embedded model, SFT, DPO, merges, evaluation of base, "
-        "SFT and DPO on the held-out test set with constrained decoding), timed around the whole command.",
+        "SFT and DPO on the held-out test set with constrained decoding), timed around the whole command. "
+        "One run per recipe, not a median (a run takes minutes); seeds are fixed, so the metrics repeat "
+        "exactly from run to run and only the wall time varies.",
         "",
         "| command | wall time | data | model | sft | dpo | eval | load avg (1 min) before → after |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
