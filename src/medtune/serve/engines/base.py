@@ -151,6 +151,28 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
 
 
+async def collect(req: GenerationRequest, deltas: AsyncIterator[StreamDelta]) -> GenerationResult:
+    """One request's streamed deltas gathered into its whole completion."""
+    text: list[str] = []
+    ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = [] if req.sampling.logprobs else None
+    last = StreamDelta(text="")
+    async for delta in deltas:
+        text.append(delta.text)
+        ids.extend(delta.token_ids)
+        if logprobs is not None and delta.logprobs:
+            logprobs.extend(delta.logprobs)
+        last = delta
+    return GenerationResult(
+        text="".join(text),
+        token_ids=ids,
+        finish_reason=last.finish_reason or "stop",
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        logprobs=logprobs,
+    )
+
+
 class Engine(ABC):
     """A loaded model that turns `GenerationRequest`s into text. See the module docstring."""
 
@@ -222,24 +244,7 @@ class Engine(ABC):
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """The whole completion (collects `stream`)."""
-        text: list[str] = []
-        ids: list[int] = []
-        logprobs: list[TokenLogprob] | None = [] if req.sampling.logprobs else None
-        last = StreamDelta(text="")
-        async for delta in self.stream(req):
-            text.append(delta.text)
-            ids.extend(delta.token_ids)
-            if logprobs is not None and delta.logprobs:
-                logprobs.extend(delta.logprobs)
-            last = delta
-        return GenerationResult(
-            text="".join(text),
-            token_ids=ids,
-            finish_reason=last.finish_reason or "stop",
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            logprobs=logprobs,
-        )
+        return await collect(req, self.stream(req))
 
     def generate_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         """Synchronous batch inference (offline eval, JSONL in / JSONL out); results in input order.

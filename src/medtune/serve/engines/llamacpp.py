@@ -27,8 +27,6 @@ import asyncio
 import logging
 import os
 import threading
-from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +35,10 @@ import numpy as np
 import torch
 
 from medtune.errors import ConfigError, ModelError
-from medtune.serve.engines.base import Engine, EngineOptions, GenerationRequest, GenerationResult, StreamDelta
+from medtune.serve.engines.base import EngineOptions, GenerationRequest
+from medtune.serve.engines.queued import QueuedEngine
 from medtune.serve.engines.sequence import Sequence, choose_tokens, only_stop_allowed
-from medtune.serve.errors import BadRequest, QueueFull, ServeError, ShuttingDown
+from medtune.serve.errors import BadRequest, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def gguf_file(model: str | Path) -> Path:
     return path
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(QueuedEngine):
     name = "llamacpp"
 
     def __init__(
@@ -81,13 +80,10 @@ class LlamaCppEngine(Engine):
                 "--adapter: the llamacpp engine serves one fused model; merge the adapters first "
                 "(medtune export adapter DIR --fuse) or serve with --engine transformers"
             )
+        super().__init__(options)
         self.model_path = str(model)
-        self.options = options or EngineOptions()
         self.loaded = False
-        self._waiting: deque[Sequence] = deque()
-        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stopping = False
         self._slots: list[_Slot] = []
         self.decode_steps = 0  # llama_decode calls so far (each serves every running request)
         self.reused_prompt_tokens = 0  # prompt tokens found in a sequence's cache instead of computed
@@ -257,10 +253,6 @@ class LlamaCppEngine(Engine):
     # -- requests ------------------------------------------------------------------------------------
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
     def running(self) -> int:
         return len(self._slots)
 
@@ -281,55 +273,6 @@ class LlamaCppEngine(Engine):
         if chat and self.turn_end_texts:
             seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
         return seq
-
-    def _submit(self, seq: Sequence, bounded: bool) -> None:
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDown("the server is stopping")
-            if bounded and len(self._waiting) >= self.options.max_queue:
-                raise QueueFull(f"the request queue is full ({self.options.max_queue} waiting, "
-                                f"{len(self._slots)} running); retry later")  # fmt: skip
-            self._waiting.append(seq)
-            self._cond.notify()
-
-    def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        return self._stream(req, bounded=True)
-
-    async def _stream(self, req: GenerationRequest, bounded: bool) -> AsyncIterator[StreamDelta]:
-        seq = self._prepare(req, asyncio.get_running_loop())
-        self._submit(seq, bounded)
-        if self.options.log_prompts:
-            log.info("request %s prompt: %r", req.request_id, self.prompt_text(req))
-        try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    if self.options.log_prompts:
-                        log.info("request %s completion: %r", req.request_id, seq.text)
-                    return
-        finally:
-            seq.cancel()  # frees the slot if the client went away or timed out
-
-    def generate_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        """Offline batch: every request is queued at once (no 429), results in input order."""
-        self.start()
-
-        async def one(req: GenerationRequest) -> GenerationResult:
-            text, ids, last = [], [], StreamDelta(text="")
-            async for delta in self._stream(req, bounded=False):
-                text.append(delta.text)
-                ids.extend(delta.token_ids)
-                last = delta
-            return GenerationResult("".join(text), ids, last.finish_reason or "stop", last.prompt_tokens,
-                                    last.completion_tokens)  # fmt: skip
-
-        async def run() -> list[GenerationResult]:
-            return list(await asyncio.gather(*(one(r) for r in reqs)))
-
-        return asyncio.run(run())
 
     # -- scheduler thread ----------------------------------------------------------------------------
 

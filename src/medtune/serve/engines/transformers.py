@@ -22,8 +22,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +31,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from medtune.errors import MedtuneError, ModelError
 from medtune.serve.adapters import AdapterSet
 from medtune.serve.engines.base import (
-    Engine,
     EngineOptions,
     GenerationRequest,
-    GenerationResult,
-    StreamDelta,
 )
 from medtune.serve.engines.kv_batch import RunningBatch, prefill_inputs
+from medtune.serve.engines.queued import QueuedEngine
 from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
-from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, QueueFull, ServeError, ShuttingDown
+from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
 log = logging.getLogger(__name__)
@@ -49,23 +45,19 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(QueuedEngine):
     name = "transformers"
 
     def __init__(
         self, model: str, adapters: dict[str, str] | None = None, options: EngineOptions | None = None
     ) -> None:
+        super().__init__(options)
         self.model_path = str(model)
-        self.options = options or EngineOptions()
         self._initial_adapters = dict(adapters or {})
         self.loaded = False
         self.adapters: AdapterSet | None = None
-        self.guide: Guide | None = None
-        self._waiting: deque[Sequence] = deque()
-        self._cond = threading.Condition()
         self._model_lock = threading.RLock()
         self._thread: threading.Thread | None = None
-        self._stopping = False
         self._batch = RunningBatch()  # the rows decoding now (scheduler thread only)
         self._prefilling = 0  # rows admitted but not yet in the batch (counted as running)
 
@@ -207,10 +199,6 @@ class TransformersEngine(Engine):
     # -- requests ------------------------------------------------------------------------------------
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
     def running(self) -> int:
         return len(self._batch) + self._prefilling
 
@@ -230,60 +218,6 @@ class TransformersEngine(Engine):
         if chat and self.turn_end_texts:
             seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
         return seq
-
-    def _submit(self, seq: Sequence, bounded: bool) -> None:
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDown("the server is stopping")
-            if bounded and len(self._waiting) >= self.options.max_queue:
-                raise QueueFull(
-                    f"the request queue is full ({self.options.max_queue} waiting, "
-                    f"{len(self._batch)} running); retry later"
-                )
-            self._waiting.append(seq)
-            self._cond.notify()
-
-    def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        return self._stream(req, bounded=True)
-
-    async def _stream(self, req: GenerationRequest, bounded: bool) -> AsyncIterator[StreamDelta]:
-        loop = asyncio.get_running_loop()
-        if req.constraint is not None and self.guide is not None and not self.guide.is_cached(req.constraint):
-            await asyncio.to_thread(self.guide.compile, req.constraint)  # a new schema: not on the event loop
-        seq = self._prepare(req, loop)
-        self._submit(seq, bounded)
-        if self.options.log_prompts:
-            log.info("request %s prompt: %r", req.request_id, self.prompt_text(req))
-        try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    if self.options.log_prompts:
-                        log.info("request %s completion: %r", req.request_id, seq.text)
-                    return
-        finally:
-            seq.cancel()  # frees the slot if the client went away or timed out
-
-    def generate_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        """Offline batch: every request is queued at once (no 429), results in input order."""
-        self.start()
-
-        async def one(req: GenerationRequest) -> GenerationResult:
-            text, ids, last = [], [], StreamDelta(text="")
-            async for delta in self._stream(req, bounded=False):
-                text.append(delta.text)
-                ids.extend(delta.token_ids)
-                last = delta
-            return GenerationResult("".join(text), ids, last.finish_reason or "stop", last.prompt_tokens,
-                                    last.completion_tokens)  # fmt: skip
-
-        async def run() -> list[GenerationResult]:
-            return list(await asyncio.gather(*(one(r) for r in reqs)))
-
-        return asyncio.run(run())
 
     # -- scheduler thread ----------------------------------------------------------------------------
 
