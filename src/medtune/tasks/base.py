@@ -13,6 +13,7 @@ shapes (shared with `medtune.data`):
 
 from __future__ import annotations
 
+import random
 import unicodedata
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -67,13 +68,40 @@ class Task(ABC):
     def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
         """n seeded synthetic input records, balanced over labels."""
 
-    @abstractmethod
     def generate_sft(self, n: int, seed: int) -> list[dict[str, Any]]:
         """n SFT examples (canonical messages form, with `label` and `input`)."""
+        return [
+            {
+                "messages": [*self.messages(r), {"role": "assistant", "content": self.reference_answer(r)}],
+                "label": self.label(r),
+                "input": r,
+            }
+            for r in self.generate_inputs(n, seed)
+        ]
 
-    @abstractmethod
+    rejection_kinds: ClassVar[list[str]] = []  # the ways `rejected_answer` can be wrong
+
+    def rejected_answer(self, record: dict[str, Any], kind: str, rng: random.Random) -> str:
+        """A worse answer than the reference for `record`, wrong in the way `kind` names."""
+        raise NotImplementedError(f"the {self.name} task has no preference data")
+
     def generate_dpo(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """n preference examples (prompt / chosen / rejected)."""
+        """n preference triplets (prompt / chosen / rejected) whose rejected answers cycle through
+        `rejection_kinds` in equal shares; the cases are not the SFT cases of the same seed."""
+        rng = random.Random(f"{self.name}-dpo-{seed}")
+        out = []
+        for i, r in enumerate(self.generate_inputs(n, seed + 7919)):
+            kind = self.rejection_kinds[i % len(self.rejection_kinds)]
+            out.append(
+                {
+                    "prompt": self.messages(r),
+                    "chosen": [{"role": "assistant", "content": self.reference_answer(r)}],
+                    "rejected": [{"role": "assistant", "content": self.rejected_answer(r, kind, rng)}],
+                    "label": self.label(r),
+                    "rejected_kind": kind,
+                }
+            )
+        return out
 
     def generate_test(self, n: int, seed: int) -> list[dict[str, Any]]:
         """n held-out test cases: input, label, reference answer and the request messages."""

@@ -87,32 +87,10 @@ class HeadacheTask(Task):
     def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
         return gen.generate_cases(n, seed)
 
-    def generate_sft(self, n: int = 500, seed: int = 0) -> list[dict[str, Any]]:
-        return [
-            {
-                "messages": [*self.messages(r), {"role": "assistant", "content": self.reference_answer(r)}],
-                "label": self.label(r),
-                "input": r,
-            }
-            for r in self.generate_inputs(n, seed)
-        ]
+    rejection_kinds: ClassVar[list[str]] = gen.REJECTION_KINDS
 
-    def generate_dpo(self, n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
-        """Triplets whose rejected answer cycles through gen.REJECTION_KINDS."""
-        rng = random.Random(f"headache-dpo-{seed}")
-        out = []
-        for i, r in enumerate(self.generate_inputs(n, seed + 7919)):  # not the SFT cases of the same seed
-            kind = gen.REJECTION_KINDS[i % len(gen.REJECTION_KINDS)]
-            out.append(
-                {
-                    "prompt": self.messages(r),
-                    "chosen": [{"role": "assistant", "content": self.reference_answer(r)}],
-                    "rejected": [{"role": "assistant", "content": gen.corrupt_answer(r["case"], kind, rng)}],
-                    "label": self.label(r),
-                    "rejected_kind": kind,
-                }
-            )
-        return out
+    def rejected_answer(self, record: dict[str, Any], kind: str, rng: random.Random) -> str:
+        return gen.corrupt_answer(record["case"], kind, rng)
 
     def score(self, examples: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
         """Metrics for raw answers against examples carrying `input` (and optionally `label`).

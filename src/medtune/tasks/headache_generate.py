@@ -194,14 +194,14 @@ def _draw(rng: random.Random, target: str) -> str:
                 statuses["pregnancy"] = "present"
             else:
                 statuses[f] = "present"
-        known = {q for q in known if (q == "q1" and "age" in flags) or rng.random() < 0.6}
+        known = {q for q in sorted(known) if (q == "q1" and "age" in flags) or rng.random() < 0.6}
     elif target == AMBIGUOUS:
-        hedged = rng.choice([*SIGNS.keys() - {"vomissements", "cancer", "immuno"}, "onset"])
+        hedged = rng.choice([*sorted(SIGNS.keys() - {"vomissements", "cancer", "immuno"}), "onset"])
         if hedged == "onset":
             onset_kind = "hedged"
         else:
             statuses[hedged] = "possible"
-        known = {q for q in known if rng.random() < 0.7}
+        known = {q for q in sorted(known) if rng.random() < 0.7}
     elif age > 50:
         onset_kind = "chronic"
     # Fill the known key facts with benign or negated statements.
