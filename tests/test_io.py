@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune.io import atomic_path, write_text
+from medtune.io import atomic_dir, atomic_path, write_text
 
 
 def test_written_file_has_umask_permissions(tmp_path: Path) -> None:
@@ -24,3 +24,14 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
         tmp.write_text("half")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_has_umask_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_beside(
+        target, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    )
     try:
         yield tmp_path
-        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the umask).
-        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_beside(target: Path, create: Callable[[Path], None]) -> Path:
+    """A new hidden path next to `target`, made by `create` (which raises FileExistsError if taken).
+
+    Files are created 0666 and directories 0777, less the umask, which the kernel applies, as for a plain
+    open() or mkdir (mkstemp and mkdtemp give 0600 and 0700; reading the umask means setting it, which
+    is not safe with other threads)."""
+    while True:
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -59,7 +66,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` as a whole."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _new_beside(target, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         if target.exists():
