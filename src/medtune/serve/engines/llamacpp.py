@@ -307,10 +307,12 @@ class LlamaCppEngine(QueuedEngine):
             if seq.cancelled:
                 continue
             prompt = seq.prompt_ids
-            best = max(self._free_ids, key=lambda i: _common_prefix(self._cached.get(i, []), prompt))
+            shared = {i: _common_prefix(self._cached.get(i, []), prompt) for i in self._free_ids}
+            best = max(self._free_ids, key=shared.__getitem__)
             self._free_ids.remove(best)
+            self._cached.pop(best, None)
             # At least the last prompt token is computed again: its logits choose the first answer token.
-            common = min(_common_prefix(self._cached.pop(best, []), prompt), len(prompt) - 1)
+            common = min(shared[best], len(prompt) - 1)
             self._llama.llama_memory_seq_rm(self._memory, best, common, -1)
             self.reused_prompt_tokens += common
             self._slots.append(
