@@ -37,3 +37,9 @@ def test_preference_triplets_cycle_through_the_rejection_kinds():
     kinds = [t["rejected_kind"] for t in task.generate_dpo(9, seed=0)]
     assert kinds == task.rejection_kinds * 3
     assert all(t["rejected"] != t["chosen"] for t in task.generate_dpo(9, seed=0))
+
+
+def test_default_sizes_are_each_packs_own():
+    aria, headache = get_task("aria"), get_task("headache")
+    assert (aria.sft_size, aria.dpo_size, headache.sft_size, headache.dpo_size) == (1500, 420, 500, 200)
+    assert len(headache.generate_dpo()) == 200

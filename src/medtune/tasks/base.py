@@ -68,15 +68,18 @@ class Task(ABC):
     def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
         """n seeded synthetic input records, balanced over labels."""
 
-    def generate_sft(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """n SFT examples (canonical messages form, with `label` and `input`)."""
+    sft_size: ClassVar[int] = 1500  # examples generate_sft / generate_dpo make when n is not given
+    dpo_size: ClassVar[int] = 420
+
+    def generate_sft(self, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """n (default `sft_size`) SFT examples (canonical messages form, with `label` and `input`)."""
         return [
             {
                 "messages": [*self.messages(r), {"role": "assistant", "content": self.reference_answer(r)}],
                 "label": self.label(r),
                 "input": r,
             }
-            for r in self.generate_inputs(n, seed)
+            for r in self.generate_inputs(self.sft_size if n is None else n, seed)
         ]
 
     rejection_kinds: ClassVar[list[str]] = []  # the ways `rejected_answer` can be wrong
@@ -85,12 +88,12 @@ class Task(ABC):
         """A worse answer than the reference for `record`, wrong in the way `kind` names."""
         raise NotImplementedError(f"the {self.name} task has no preference data")
 
-    def generate_dpo(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """n preference triplets (prompt / chosen / rejected) whose rejected answers cycle through
+    def generate_dpo(self, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """n (default `dpo_size`) preference triplets (prompt / chosen / rejected) whose rejected answers cycle through
         `rejection_kinds` in equal shares; the cases are not the SFT cases of the same seed."""
         rng = random.Random(f"{self.name}-dpo-{seed}")
         out = []
-        for i, r in enumerate(self.generate_inputs(n, seed + 7919)):
+        for i, r in enumerate(self.generate_inputs(self.dpo_size if n is None else n, seed + 7919)):
             kind = self.rejection_kinds[i % len(self.rejection_kinds)]
             out.append(
                 {

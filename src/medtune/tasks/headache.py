@@ -87,6 +87,8 @@ class HeadacheTask(Task):
     def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
         return gen.generate_cases(n, seed)
 
+    sft_size: ClassVar[int] = 500
+    dpo_size: ClassVar[int] = 200
     rejection_kinds: ClassVar[list[str]] = gen.REJECTION_KINDS
 
     def rejected_answer(self, record: dict[str, Any], kind: str, rng: random.Random) -> str:
