@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.errors import ConfigError
 
@@ -81,7 +81,26 @@ class StageConfig(Strict):
     seed: int | None = Field(None, description="Default: the recipe's seed.")
     # DPO only.
     beta: float = Field(0.1, gt=0, description="DPO temperature (dpo stage only).")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss type (dpo stage only).")
+    loss_type: str | list[str] = Field(
+        "sigmoid",
+        description="TRL DPO loss type (dpo stage only); a list combines several, e.g. [sigmoid, sft]: "
+        "DPO plus the chosen answers' NLL (RPO), which keeps the SFT model's exact answers.",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="One weight per loss_type entry (default: 1 each)."
+    )
+
+    @model_validator(mode="after")
+    def _loss_weights_match(self) -> StageConfig:
+        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if not types:
+            raise ValueError("loss_type: give at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(
+                f"loss_weights: {len(self.loss_weights)} weight(s) for {len(types)} loss type(s) {types}"
+            )
+        return self
+
     merge: bool = Field(True, description="Merge LoRA into the base after this stage.")
 
 
@@ -107,6 +126,23 @@ class EmbeddedModelConfig(Strict):
         "tokens of their own: fewer tokens per example, and a small model compares them faster.",
     )
     max_position_embeddings: int = Field(1024, ge=64)
+    symbols: list[str] = Field(
+        default_factory=list,
+        description="Strings the tokenizer keeps as one token each wherever they appear (domain terms such "
+        "as a task's field names): shorter sequences, and one token to attend to per term.",
+    )
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols_are_distinct_words(cls, value: list[str]) -> list[str]:
+        for i, symbol in enumerate(value):
+            if not symbol.strip() or symbol != symbol.strip():
+                raise ValueError(
+                    f"symbols[{i}] {symbol!r}: expected a non-empty term without surrounding spaces"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("symbols: each term once")
+        return value
 
 
 class ModelConfig(Strict):
@@ -129,6 +165,13 @@ class GenerateConfig(Strict):
     test: int = Field(300, ge=0)
     seed: int = 1
     test_seed: int = 2
+    hard_share: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Training data only (SFT and DPO): how often the task draws its hardest cases (aria: a "
+        "second, weaker signal firing); None: the task's default. The test set always uses the default.",
+    )
 
 
 class DataConfig(Strict):

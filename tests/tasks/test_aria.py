@@ -8,7 +8,7 @@ from collections import Counter
 import jsonschema
 import pytest
 
-from medtune.errors import DataError
+from medtune.errors import ConfigError, DataError
 from medtune.tasks import get_task
 from medtune.tasks.aria_rules import NO_PATHOLOGY, THRESHOLDS, diagnose
 
@@ -182,6 +182,21 @@ def test_generator_covers_the_boundaries():
     half_achille = sum((r["heel_strike_index"] > 0.7) != (r["dorsiflexion_max"] > 15) for r in records)
     assert half_achille >= 50
     assert Counter(d.confiance for d in diagnoses).most_common()[-1][1] >= 0.2 * len(records)
+
+
+def test_hard_share_draws_more_competing_signals_for_training_only():
+    def multi(records):
+        return sum(len(diagnose(r).exceedances) > 1 for r in records) / len(records)
+
+    default = TASK.generate_inputs(1400, seed=5)
+    assert TASK.generate_inputs(1400, seed=5, hard_share=None) == default
+    hard = TASK.generate_inputs(1400, seed=5, hard_share=0.9)
+    assert multi(hard) > multi(default) + 0.15
+    assert Counter(TASK.label(r) for r in hard) == Counter(TASK.label(r) for r in default)  # still balanced
+    sft = TASK.generate_sft(70, seed=5, hard_share=0.9)
+    assert [e["input"] for e in sft] == TASK.generate_inputs(70, seed=5, hard_share=0.9)
+    with pytest.raises(ConfigError, match="headache task has no such setting"):
+        get_task("headache").generate_sft(10, seed=1, hard_share=0.5)
 
 
 def test_generator_measurements_are_correlated_and_plausible():

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import sentencepiece as spm
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medtune.config import EmbeddedModelConfig, ModelConfig, StageConfig
 from medtune.errors import ConfigError, DataError, HardwareError, ModelError
 from medtune.train import models
+from medtune.train.common import trainer_arguments
 from medtune.train.models import build_embedded_model, load_for_training, load_tokenizer
 
 TEXTS = [
@@ -78,6 +80,26 @@ def test_numbers_become_whole_tokens_without_split_digits(tiny_model_factory):
         assert tokenizer.decode(tokenizer.encode("seuil 1.35 m", add_special_tokens=False)) == "seuil 1.35 m"
 
 
+def test_symbols_become_one_token_wherever_they_appear(tiny_model_factory):
+    texts = [
+        f"heel_strike_index: 0.{v} (seuil 0.7)\nle plus proche: heel_strike_index" for v in range(40, 99)
+    ] * 10
+    path = tiny_model_factory("terms", texts=texts, vocab_size=300, symbols=["heel_strike_index"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    for text in (
+        "heel_strike_index: 0.64",
+        '"justification": "heel_strike_index 0.84 > 0.7"',
+        "x heel_strike_index",
+    ):
+        pieces = tokenizer.tokenize(text)
+        assert sum("heel_strike_index" in p for p in pieces) == 1, pieces
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))  # what GGUF export reads
+    assert sp.encode("a heel_strike_index b") == tokenizer.encode(
+        "a heel_strike_index b", add_special_tokens=False
+    )
+
+
 def test_embedded_sizes_and_determinism(tiny_model_factory, tmp_path):
     small = models.embedded_dimensions(EmbeddedModelConfig(size="small"))
     assert small == {
@@ -109,6 +131,12 @@ def test_bad_embedded_configs_fail_clearly(tmp_path):
         build_embedded_model(
             TEXTS, EmbeddedModelConfig(size="tiny", hidden_size=30, num_heads=4), tmp_path / "m"
         )
+    with pytest.raises(ConfigError, match="already a chat-template marker"):
+        build_embedded_model(
+            TEXTS, EmbeddedModelConfig(size="tiny", symbols=["<|im_start|>"]), tmp_path / "m"
+        )
+    with pytest.raises(ValueError, match="surrounding spaces"):
+        EmbeddedModelConfig(symbols=[" x"])
     assert not (tmp_path / "m").exists()  # nothing half-written
 
 
@@ -146,3 +174,17 @@ def test_other_templates_get_their_markers_as_tokens(tmp_path, template, end_of_
     assert tokenizer.eos_token_id in trained  # the model learns to emit its end-of-turn token
     for marker in ("<|start_header_id|>", "<|end_header_id|>") if template == "llama3" else ():
         assert len(tokenizer.encode(marker)) == 1
+
+
+def test_bf16_full_training_keeps_fp32_master_weights(tiny_model_dir):
+    # Mixed precision: the trainer's bf16 autocast runs the matmuls, the trained weights stay fp32.
+    model, _ = load_for_training(tiny_model_dir, StageConfig(method="full", precision="bf16"), ModelConfig())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    args = trainer_arguments(StageConfig(precision="bf16"), tiny_model_dir, seed=0, has_eval=False)
+    assert args["bf16"] is True and args["fp16"] is False
+
+
+def test_bf16_lora_loads_the_frozen_base_in_bf16(tiny_model_dir):
+    model, _ = load_for_training(tiny_model_dir, StageConfig(method="lora", precision="bf16"), ModelConfig())
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}

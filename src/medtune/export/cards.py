@@ -38,6 +38,8 @@ _DISCLAIMER = (
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return " + ".join(map(_fmt, value))
     return str(value)
 
 

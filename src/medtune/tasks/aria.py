@@ -122,9 +122,10 @@ class AriaTask(Task):
 
     # --- synthetic data -----------------------------------------------------------------------
 
-    def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
-        return gen.generate_inputs(n, seed)
+    def generate_inputs(self, n: int, seed: int, hard_share: float | None = None) -> list[dict[str, Any]]:
+        return gen.generate_inputs(n, seed, hard_share)
 
+    has_hard_share: ClassVar[bool] = True  # the share of cases with a weaker second signal (P_MULTI)
     rejection_kinds: ClassVar[list[str]] = gen.REJECTION_KINDS
 
     def rejected_answer(self, record: dict[str, Any], kind: str, rng: random.Random) -> str:

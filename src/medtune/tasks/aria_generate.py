@@ -129,7 +129,7 @@ def _round(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _draw(rng: random.Random, target: str) -> dict[str, float]:
+def _draw(rng: random.Random, target: str, p_multi: float = P_MULTI) -> dict[str, float]:
     values = _runner(rng)
     others = [p for p in PATHOLOGIES if p != target]
     frozen: set[str] = set()
@@ -141,7 +141,7 @@ def _draw(rng: random.Random, target: str) -> dict[str, float]:
         frozen |= set(fields)
         for i, f in enumerate(fields):
             _move(values, f, top if i == 0 else rng.uniform(top, max(top, MAX_REL[f])), frozen)
-        if rng.random() < P_MULTI:
+        if rng.random() < p_multi:
             second = rng.choice(others)
             frozen |= set(SIGNALS[second])
             for f in SIGNALS[second]:
@@ -186,8 +186,12 @@ def _context(rng: random.Random, values: dict[str, Any]) -> dict[str, Any]:
     return values | {"age": rng.randint(18, 70), "sexe": sexe, "km_semaine": rng.choice(range(5, 95, 5))}
 
 
-def generate_inputs(n: int, seed: int) -> list[dict[str, Any]]:
-    """n measurement records, exactly balanced over the 7 labels (largest remainder), shuffled."""
+def generate_inputs(n: int, seed: int, hard_share: float | None = None) -> list[dict[str, Any]]:
+    """n measurement records, exactly balanced over the 7 labels (largest remainder), shuffled.
+
+    `hard_share` replaces P_MULTI, the chance that a case with a pathology gets a second, weaker firing
+    signal to tell apart from the decisive one (the cases a small model gets wrong)."""
+    p_multi = P_MULTI if hard_share is None else hard_share
     rng = random.Random(seed)
     quotas = label_quotas(n, dict.fromkeys(LABELS, 1.0))
     targets = [label for label in LABELS for _ in range(quotas[label])]
@@ -195,7 +199,7 @@ def generate_inputs(n: int, seed: int) -> list[dict[str, Any]]:
     records = []
     for target in targets:
         for _ in range(1000):
-            values = _draw(rng, target)
+            values = _draw(rng, target, p_multi)
             if diagnose(values).pathologie == target:
                 break
         else:  # pragma: no cover - the construction above hits its target in a few draws

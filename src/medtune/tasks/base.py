@@ -18,6 +18,8 @@ import unicodedata
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from medtune.errors import ConfigError
+
 
 class Task(ABC):
     """A clinical task pack. Subclasses set the class attributes and implement the methods."""
@@ -65,21 +67,31 @@ class Task(ABC):
         """The reference assistant answer text (JSON text for structured tasks)."""
 
     @abstractmethod
-    def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """n seeded synthetic input records, balanced over labels."""
+    def generate_inputs(self, n: int, seed: int, hard_share: float | None = None) -> list[dict[str, Any]]:
+        """n seeded synthetic input records, balanced over labels. `hard_share` (tasks with
+        `has_hard_share`) sets how often the cases the task finds hardest are drawn; None: the default."""
+
+    has_hard_share: ClassVar[bool] = False
 
     sft_size: ClassVar[int] = 1500  # examples generate_sft / generate_dpo make when n is not given
     dpo_size: ClassVar[int] = 420
 
-    def generate_sft(self, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def _check_hard_share(self, hard_share: float | None) -> None:
+        if hard_share is not None and not self.has_hard_share:
+            raise ConfigError(f"data.generate.hard_share: the {self.name} task has no such setting")
+
+    def generate_sft(
+        self, n: int | None = None, seed: int = 0, hard_share: float | None = None
+    ) -> list[dict[str, Any]]:
         """n (default `sft_size`) SFT examples (canonical messages form, with `label` and `input`)."""
+        self._check_hard_share(hard_share)
         return [
             {
                 "messages": [*self.messages(r), {"role": "assistant", "content": self.reference_answer(r)}],
                 "label": self.label(r),
                 "input": r,
             }
-            for r in self.generate_inputs(self.sft_size if n is None else n, seed)
+            for r in self.generate_inputs(self.sft_size if n is None else n, seed, hard_share)
         ]
 
     rejection_kinds: ClassVar[list[str]] = []  # the ways `rejected_answer` can be wrong
@@ -88,12 +100,17 @@ class Task(ABC):
         """A worse answer than the reference for `record`, wrong in the way `kind` names."""
         raise NotImplementedError(f"the {self.name} task has no preference data")
 
-    def generate_dpo(self, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def generate_dpo(
+        self, n: int | None = None, seed: int = 0, hard_share: float | None = None
+    ) -> list[dict[str, Any]]:
         """n (default `dpo_size`) preference triplets (prompt / chosen / rejected) whose rejected answers cycle through
         `rejection_kinds` in equal shares; the cases are not the SFT cases of the same seed."""
+        self._check_hard_share(hard_share)
         rng = random.Random(f"{self.name}-dpo-{seed}")
         out = []
-        for i, r in enumerate(self.generate_inputs(self.dpo_size if n is None else n, seed + 7919)):
+        for i, r in enumerate(
+            self.generate_inputs(self.dpo_size if n is None else n, seed + 7919, hard_share)
+        ):
             kind = self.rejection_kinds[i % len(self.rejection_kinds)]
             out.append(
                 {

@@ -84,8 +84,8 @@ class HeadacheTask(Task):
     def reference_answer(self, record: dict[str, Any]) -> str:
         return reference(analyse(self.validate_input(record)["case"]))
 
-    def generate_inputs(self, n: int, seed: int) -> list[dict[str, Any]]:
-        return gen.generate_cases(n, seed)
+    def generate_inputs(self, n: int, seed: int, hard_share: float | None = None) -> list[dict[str, Any]]:
+        return gen.generate_cases(n, seed)  # no hard_share (has_hard_share is False)
 
     sft_size: ClassVar[int] = 500
     dpo_size: ClassVar[int] = 200

@@ -82,10 +82,11 @@ def train_dpo(
 ) -> StageResult:
     """Preference-tune the model at `model_path`; returns the full model or the LoRA adapter folder."""
     check_hardware(stage, "train.dpo")
-    if stage.loss_type not in LOSS_TYPES:
-        raise ConfigError(
-            f"train.dpo.loss_type: unknown {stage.loss_type!r}; known: {', '.join(sorted(LOSS_TYPES))}"
-        )
+    for loss in [stage.loss_type] if isinstance(stage.loss_type, str) else stage.loss_type:
+        if loss not in LOSS_TYPES:
+            raise ConfigError(
+                f"train.dpo.loss_type: unknown {loss!r}; known: {', '.join(sorted(LOSS_TYPES))}"
+            )
     keys = ("prompt", "chosen", "rejected")
     require_records(train, "dpo", keys)
     if eval:
@@ -106,7 +107,8 @@ def train_dpo(
     args = DPOConfig(
         **trainer_arguments(stage, out_dir, seed=seed, has_eval=eval_ds is not None, n_train=len(train_ds)),
         beta=stage.beta,
-        loss_type=[stage.loss_type],
+        loss_type=[stage.loss_type] if isinstance(stage.loss_type, str) else list(stage.loss_type),
+        loss_weights=stage.loss_weights,
         max_length=stage.max_length,
     )
     trainer = _dpo_trainer_class()(

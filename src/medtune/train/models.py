@@ -72,9 +72,18 @@ def template_special_tokens(chat_template: str) -> tuple[str, str, list[str]]:
 
 
 def _train_sentencepiece(
-    texts: list[str], vocab_size: int, seed: int, eos: str, symbols: list[str], split_digits: bool = True
+    texts: list[str],
+    vocab_size: int,
+    seed: int,
+    eos: str,
+    symbols: list[str],
+    split_digits: bool = True,
+    terms: list[str] | None = None,
 ) -> bytes:
-    """A Llama-style SentencePiece BPE model trained on `texts`, returned as the serialized proto."""
+    """A Llama-style SentencePiece BPE model trained on `texts`, returned as the serialized proto.
+
+    `symbols` are the chat markers (cut out of the corpus), `terms` the recipe's domain terms (kept in
+    it); both become one token each."""
     import sentencepiece as spm
 
     # One sentence per line; the chat markers are symbols of their own and must not eat merges.
@@ -112,7 +121,7 @@ def _train_sentencepiece(
             bos_piece=BOS,
             eos_piece=eos,  # the template's end-of-turn token is the model's eos: generation stops on it
             pad_piece=PAD,
-            user_defined_symbols=symbols,  # the template's other markers: one token each
+            user_defined_symbols=[*symbols, *(terms or [])],  # markers and terms: one token each
             input_sentence_size=200_000,
             shuffle_input_sentence=True,
             seed_sentencepiece_size=1_000_000,
@@ -161,7 +170,12 @@ def build_embedded_model(
 
     template, eot, symbols = template_special_tokens(chat_template)
     dims = embedded_dimensions(cfg)
-    proto = _train_sentencepiece(list(texts), cfg.vocab_size, seed, eot, symbols, cfg.split_digits)
+    clash = sorted(set(cfg.symbols) & {eot, *symbols})
+    if clash:
+        raise ConfigError(f"model.embedded.symbols: {clash[0]!r} is already a chat-template marker")
+    proto = _train_sentencepiece(
+        list(texts), cfg.vocab_size, seed, eot, symbols, cfg.split_digits, terms=cfg.symbols
+    )
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "tokenizer.model").write_bytes(proto)
@@ -323,6 +337,8 @@ def resolve_dtype(precision: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and not cuda_available():
         raise HardwareError("precision=fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    if precision == "bf16" and not cuda_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("precision=bf16: this CPU has no native bf16 (avx512_bf16 or AMX); fp32 may be faster")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -378,6 +394,11 @@ def load_for_training(model_path: str | Path, stage: StageConfig, model_cfg: Mod
     """(model, tokenizer) ready for a trainer: plain for `full`, PEFT-wrapped for `lora` and `qlora`."""
     check_hardware(stage)
     dtype = resolve_dtype(stage.precision)
+    if stage.method == "full" and dtype != torch.float32:
+        # Mixed precision: every weight is trained, so the master copy stays fp32 (bf16 weights would
+        # lose small AdamW updates); the trainer's bf16/fp16 flag runs the matmuls in half precision
+        # under autocast (on CPU too, where bf16 needs avx512_bf16 or AMX to be fast).
+        dtype = torch.float32
     source = _check_model_path(model_path)
     kind = model_kind(source, model_cfg)
     # Encoder-decoder models read plain text (see seq2seq.py): no chat template needed.

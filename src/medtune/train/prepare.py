@@ -136,10 +136,11 @@ def _stage_records(recipe: Recipe, recipe_dir: Path, stage: str) -> list[dict[st
         raise ConfigError(
             f"data.generate.{stage}: is {n}, but train.stages runs {stage}: generate > 0 examples"
         )
+    hard = generate.hard_share
     records = (
-        task.generate_sft(n, seed=generate.seed)
+        task.generate_sft(n, seed=generate.seed, hard_share=hard)
         if stage == "sft"
-        else task.generate_dpo(n, seed=generate.seed)
+        else task.generate_dpo(n, seed=generate.seed, hard_share=hard)
     )
     log.info("generated %d %s %s examples (seed %d)", len(records), recipe.task, stage, generate.seed)
     return records
