@@ -43,6 +43,25 @@ def test_greedy_output_is_the_same_alone_and_batched(engine):
         assert a.completion_tokens == len(a.token_ids)
 
 
+def test_a_shared_prompt_start_is_prefilled_once_with_the_same_output(engine, tiny_model_dir):
+    system = "Tu es ARIA, assistant de diagnostic biomécanique de la course. Réponds en JSON.\n"
+    reqs = [_req(system + p, max_tokens=12) for p in PROMPTS]
+    before = engine.prompt_tokens_cached
+    alone = [engine.generate_batch([r])[0].token_ids for r in reqs]
+    together = [r.token_ids for r in engine.generate_batch(reqs)]
+    shared = len(engine.encode(system, add_special_tokens=True)) - 2  # the last piece may merge
+    assert engine.prompt_tokens_cached - before >= 7 * shared  # every prompt after the first
+    plain = create_engine("transformers", str(tiny_model_dir),
+                          options=EngineOptions(threads=1, prefix_caching=False))  # fmt: skip
+    plain.start()
+    try:
+        fresh = [plain.generate_batch([r])[0].token_ids for r in reqs]
+        assert plain.prompt_tokens_cached == 0
+    finally:
+        plain.close()
+    assert alone == fresh and together == fresh
+
+
 def test_requests_joining_a_running_batch_get_the_same_output(engine):
     """Continuous batching: later requests join while earlier ones decode (different cache lengths)."""
     reqs = [_req(p, max_tokens=40 - 5 * i) for i, p in enumerate(PROMPTS)]

@@ -44,6 +44,7 @@ class ServeSettings(Settings):
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
+    prefix_caching: bool = True
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = None
 
@@ -140,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=opt("max_model_len"), gpu_memory_utilization=opt("gpu_memory_utilization"),
             adapters=adapters, tensor_parallel_size=opt("tensor_parallel_size"), dtype=opt("dtype"),
             quantization=opt("quantization"), max_num_seqs=opt("max_batch_size"),
+            prefix_caching=opt("prefix_caching"),
         ))  # fmt: skip
         return 0
 
@@ -153,6 +155,7 @@ def serve(args: argparse.Namespace) -> int:
     options = EngineOptions(
         max_model_len=opt("max_model_len"), max_batch_size=opt("max_batch_size"), max_queue=opt("max_queue"),
         dtype=opt("dtype"), device=opt("device"), threads=opt("threads"), log_prompts=log_prompts,
+        prefix_caching=opt("prefix_caching"),
     )  # fmt: skip
     engine = create_engine(engine_name, model, adapters=adapters, options=options)
     engine.start()
@@ -229,6 +232,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", help="auto | cpu | cuda (transformers engine)")
     p.add_argument("--threads", type=int, help="CPU threads for the model")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="prefill every prompt in full (default: reuse the start shared with the last one)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")

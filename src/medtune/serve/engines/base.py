@@ -59,6 +59,7 @@ class EngineOptions:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # CPU threads for the model (None: library default)
     log_prompts: bool = False  # log prompts and completions (medical data: off by default)
+    prefix_caching: bool = True  # reuse the cache of a prompt's start shared with the previous prompt
 
 
 @dataclass

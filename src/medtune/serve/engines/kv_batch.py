@@ -13,10 +13,15 @@ position ids count only its real tokens, so a row's numbers do not depend on its
 output is the same alone or batched). Joining rows pads the shorter cache on the left and
 concatenates along the batch; dropping rows selects the others and trims columns that became padding
 for everyone. Only plain `DynamicLayer` caches can be padded this way (`can_merge`).
+
+Each layer is a `GrowingLayer`: its keys and values are views of a buffer with room to spare, so a
+decoding step writes one column in place. transformers' `DynamicLayer` concatenates the whole cache
+with the new column every step (`torch.cat`): 65% of a batch-8 step of the embedded model on CPU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,18 +32,101 @@ from transformers.cache_utils import DynamicLayer
 from medtune.serve.engines.sequence import Sequence
 
 
+@dataclass
+class Prefix:
+    """A prompt already prefilled: its token ids and, per layer, their keys and values [heads, tokens, dim]."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def shared_with(self, seqs: list[Sequence]) -> int:
+        """How many leading tokens every prompt of `seqs` shares with this one (each keeps at least one
+        token of its own to prefill: its logits give the first output token)."""
+        shared = len(self.ids)
+        for s in seqs:
+            n = min(shared, len(s.prompt_ids) - 1)
+            shared = next((i for i in range(n) if s.prompt_ids[i] != self.ids[i]), n)
+        return shared
+
+    @classmethod
+    def of_row(cls, seq: Sequence, cache: DynamicCache, mask: torch.Tensor, row: int) -> Prefix:
+        """Row `row`'s prompt as just prefilled (its real columns only, copied out of the batch)."""
+        cols = mask[row].nonzero().flatten().to(cache.layers[0].keys.device)
+        layers = [(layer.keys[row].index_select(1, cols), layer.values[row].index_select(1, cols))
+                  for layer in cache.layers]  # fmt: skip
+        return cls(list(seq.prompt_ids), layers)
+
+
 def prefill_inputs(
-    seqs: list[Sequence], pad_id: int, config: Any
+    seqs: list[Sequence], pad_id: int, config: Any, prefix: Prefix | None = None, reuse: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
-    """Left-padded prompt ids, attention mask, position ids and a fresh cache for `seqs`."""
-    width = max(len(s.prompt_ids) for s in seqs)
+    """Left-padded prompt ids, attention mask, position ids and a fresh cache for `seqs`.
+
+    With `prefix` and `reuse` > 0, the first `reuse` tokens of every prompt (shared with `prefix`) are
+    not computed again: the cache starts with their keys and values, and only the rest of each prompt
+    is fed, left-padded after them (the mask hides the padding, positions continue from `reuse`)."""
+    rest = [s.prompt_ids[reuse:] for s in seqs]
+    width = max(len(r) for r in rest)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-        mask[i, width - len(s.prompt_ids) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos, DynamicCache(config=config)
+    mask = torch.zeros((len(seqs), reuse + width), dtype=torch.long)
+    mask[:, :reuse] = 1
+    for i, r in enumerate(rest):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, reuse + width - len(r) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, reuse:]
+    cache = new_cache(config)
+    if reuse:
+        for layer, (k, v) in zip(cache.layers, prefix.layers, strict=True):
+            k, v = (t[:, :reuse].unsqueeze(0).expand(len(seqs), -1, -1, -1) for t in (k, v))
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v  # copied into the layer's buffer at its first update
+    return ids, mask, pos, cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends in place: `keys`/`values` are views of the first columns of larger
+    buffers. When they are replaced from outside (rows joined, selected or trimmed), the next update
+    copies them into fresh buffers once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # what `update` last returned
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.get_seq_length()
+        new = used + key_states.shape[-2]
+        ours = self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
+        if not ours or self._buffers is None or self._buffers[0].shape[-2] < new:
+            room = new + max(64, new // 2)
+            buffers = []
+            for old, fresh in ((self.keys, key_states), (self.values, value_states)):
+                buf = fresh.new_empty((*fresh.shape[:-2], room, fresh.shape[-1]))
+                if used:
+                    buf[..., :used, :] = old
+                buffers.append(buf)
+            self._buffers = (buffers[0], buffers[1])
+        k, v = self._buffers
+        k[..., used:new, :] = key_states
+        v[..., used:new, :] = value_states
+        self.keys, self.values = k[..., :new, :], v[..., :new, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._buffers = self._views = None
+        super().reset()
+
+
+def new_cache(config: Any) -> DynamicCache:
+    """A DynamicCache whose plain layers append in place (sliding-window and other layers stay as they are)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _pad_left(t: torch.Tensor, width: int, dim_from_end: int) -> torch.Tensor:
@@ -64,7 +152,9 @@ class RunningBatch:
     def can_merge(self) -> bool:
         """Sliding-window or linear-attention caches cannot be left-padded and concatenated safely:
         such models are batched dynamically (new rows wait until the running ones end)."""
-        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return self.cache is None or all(
+            type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers
+        )
 
     def add(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor) -> None:
         """Join freshly prefilled rows (their own cache, mask and next tokens) to the running ones."""

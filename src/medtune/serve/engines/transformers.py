@@ -34,7 +34,7 @@ from medtune.serve.engines.base import (
     EngineOptions,
     GenerationRequest,
 )
-from medtune.serve.engines.kv_batch import RunningBatch, prefill_inputs
+from medtune.serve.engines.kv_batch import GrowingLayer, Prefix, RunningBatch, new_cache, prefill_inputs
 from medtune.serve.engines.queued import QueuedEngine
 from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
@@ -42,6 +42,7 @@ from medtune.serve.guided import Guide
 
 log = logging.getLogger(__name__)
 
+MIN_PREFIX = 16  # shorter shared prefixes are recomputed: copying their cache would not pay
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +61,11 @@ class TransformersEngine(QueuedEngine):
         self._thread: threading.Thread | None = None
         self._batch = RunningBatch()  # the rows decoding now (scheduler thread only)
         self._prefilling = 0  # rows admitted but not yet in the batch (counted as running)
+        # Prefix caching: per adapter, the last prompt prefilled. Requests that share a system prompt
+        # (every ARIA call) start from its keys and values instead of recomputing them.
+        self._prefixes: dict[str | None, Prefix] = {}
+        self._prefix_ok = False  # set at start: plain attention layers only
+        self.prompt_tokens_cached = 0  # prompt tokens taken from the prefix cache instead of computed
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -108,6 +114,9 @@ class TransformersEngine(QueuedEngine):
         stops = sorted(self.eos_ids | self.turn_end_ids)
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
         self._bitmask = self.guide.allocate(opts.max_batch_size)
+        self._prefix_ok = opts.prefix_caching and all(
+            isinstance(layer, GrowingLayer) for layer in new_cache(model.config).layers
+        )
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
@@ -184,6 +193,7 @@ class TransformersEngine(QueuedEngine):
     def load_adapter(self, name: str, path: str) -> None:
         with self._model_lock:  # between two decoding steps
             self.adapters.load(name, path)
+            self._prefixes.pop(name, None)  # computed with the adapter this one replaces
 
     def unload_adapter(self, name: str) -> None:
         with self._model_lock:
@@ -195,6 +205,7 @@ class TransformersEngine(QueuedEngine):
                     f"adapter {name!r} has {len(busy)} request(s) in flight; retry when they finish"
                 )
             self.adapters.unload(name)
+            self._prefixes.pop(name, None)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -282,10 +293,21 @@ class TransformersEngine(QueuedEngine):
             seqs = [s for s in seqs if s not in gone]
             if not seqs:
                 return
-        ids, mask, pos, cache = prefill_inputs(seqs, self.pad_id, self.adapters.model.config)
+        adapter = seqs[0].req.adapter
+        prefix = self._prefixes.get(adapter) if self._prefix_ok else None
+        reuse = 0
+        if prefix is not None and all(s.req.adapter == adapter for s in seqs):
+            reuse = prefix.shared_with(seqs)
+            reuse = reuse if reuse >= MIN_PREFIX else 0
+            self.prompt_tokens_cached += reuse * len(seqs)
+        config = self.adapters.model.config
+        ids, mask, pos, cache = prefill_inputs(seqs, self.pad_id, config, prefix, reuse)
         t0 = time.perf_counter()
         logits = self._forward(ids, mask, pos, cache, seqs)
-        log.debug("prefill %d x %d tokens in %.1f ms", *ids.shape, 1000 * (time.perf_counter() - t0))
+        log.debug("prefill %d x %d tokens (+%d cached) in %.1f ms", *ids.shape, reuse,
+                  1000 * (time.perf_counter() - t0))  # fmt: skip
+        if self._prefix_ok:
+            self._prefixes[adapter] = Prefix.of_row(seqs[0], cache, mask, 0)
         tokens = self._step(seqs, logits)
         keep = [i for i, s in enumerate(seqs) if not s.finished]
         if keep:

@@ -39,6 +39,7 @@ class VllmOptions:
     quantization: str | None = None  # awq, gptq, fp8, bitsandbytes, ...
     max_num_seqs: int | None = None
     seed: int | None = None
+    prefix_caching: bool = True  # vLLM's default; False adds --no-enable-prefix-caching
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -75,6 +76,8 @@ def vllm_command(opts: VllmOptions, version: str | None = None) -> list[str]:
         cmd += ["--quantization", opts.quantization]
     if opts.max_num_seqs:
         cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
+    if not opts.prefix_caching:
+        cmd += ["--no-enable-prefix-caching"]
     if opts.seed is not None:
         cmd += ["--seed", str(opts.seed)]
     if _version_tuple(version) >= _STRUCTURED_OUTPUTS_SINCE:
