@@ -223,10 +223,12 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
         f"| prompt processing alone (the same call with max_tokens 1), P50 | {med['prompt_p50']:.3f} s "
         f"({100 * share:.0f}% of a diagnosis) | | |",
         "",
-        "Batching shares a decoding step's fixed costs among the rows it decodes. It cannot share prompt",
-        "processing (each prompt is computed on its own), nor the arithmetic, which for this model on one",
-        "core grows with the rows (a step for 8 rows measured ~4x a step for one). The engine decodes on",
-        "one CPU thread for small models: two threads were ~10x slower with other processes on the cores.",
+        "Batching shares a decoding step's fixed costs among the rows it decodes, not its arithmetic, which",
+        "for this model on one core grows with the rows (a step for 8 rows measured 2.2x a step for one).",
+        "Prompt processing is per request: prefix caching skips the start a prompt shares with the previous",
+        "one (the system prompt), the rest is computed for each request. The server's event loop and the",
+        "benchmark's client share the two cores with the decoding thread. The engine decodes on one CPU",
+        "thread for small models: two threads were ~10x slower with other processes on the cores.",
     ])  # fmt: skip
 
 

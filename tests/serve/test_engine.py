@@ -236,3 +236,28 @@ def test_sampling_follows_the_temperature_scaled_distribution(tiny_model_dir, to
         Sequence(GenerationRequest(prompt="x", sampling=SamplingParams(temperature=0.5, top_p=top_p, seed=i)),
                  [1], 10, None, tokenizer, set(), None) for i in range(rows)], None, None, tokenizer)]  # fmt: skip
     assert again == chosen  # seeded: the same draws again
+
+
+def test_an_adapter_replaced_under_its_name_does_not_reuse_the_old_prefix(served_model_dir, lora_adapters):
+    """The prefix cache is per adapter: a name unloaded and loaded again from other weights starts afresh."""
+    question = [{"role": "system", "content": "Tu es un assistant médical. Réponds en une phrase."},
+                {"role": "user", "content": "Bonjour"}]  # fmt: skip
+    req = GenerationRequest(
+        messages=question, sampling=SamplingParams(temperature=0.0, max_tokens=12), adapter="spec"
+    )
+    engine = create_engine("transformers", str(served_model_dir), adapters={"spec": str(lora_adapters["derm"])},
+                           options=EngineOptions(threads=1))  # fmt: skip
+    engine.start()
+    try:
+        assert engine.generate_batch([req])[0].text.startswith("Avis dermatologique")
+        assert "spec" in engine._prefixes
+        engine.unload_adapter("spec")
+        assert "spec" not in engine._prefixes
+        engine.load_adapter("spec", str(lora_adapters["radio"]))
+        before = engine.prompt_tokens_cached
+        assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
+        assert engine.prompt_tokens_cached == before  # computed in full with the new weights
+        assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
+        assert engine.prompt_tokens_cached > before  # and reused from then on
+    finally:
+        engine.close()

@@ -42,6 +42,12 @@ def test_older_vllm_gets_its_own_structured_output_flag():
     cmd = vllm_command(VllmOptions(model="m"), version="0.9.2")
     assert _flag(cmd, "--guided-decoding-backend") == "xgrammar"
     assert "--structured-outputs-config" not in cmd and "--enable-lora" not in cmd
+    assert "--no-enable-prefix-caching" not in cmd  # vLLM's prefix caching stays on by default
+
+
+def test_no_prefix_caching_reaches_vllm():
+    cmd = vllm_command(VllmOptions(model="m", prefix_caching=False), version="0.11.0")
+    assert "--no-enable-prefix-caching" in cmd
 
 
 def test_missing_vllm_is_a_clear_hardware_error(monkeypatch):
