@@ -320,12 +320,12 @@ def test_text_completions_take_several_prompts(live_server):
 
 
 def test_prompts_and_answers_stay_out_of_the_log_by_default(live_server):
-    secret = "Patient Dupont, dossier 4711, valgus_genou = 12.9"
+    secret = "Patient Dupont, dossier DX-4711-Q, valgus_genou = 12.9"  # nothing a port or a time can contain
     r = live_server.client().chat.completions.create(model="aria-ft", messages=_user(secret), max_tokens=8,
                                                      temperature=0)  # fmt: skip
     log = live_server.log()
     assert "POST /v1/chat/completions 200" in log  # requests are logged...
-    assert "Dupont" not in log and "4711" not in log  # ...their content is not
+    assert "Dupont" not in log and "DX-4711-Q" not in log  # ...their content is not
     answer = r.choices[0].message.content
     if len(answer.strip()) >= 6:  # long enough not to appear by chance
         assert answer not in log
