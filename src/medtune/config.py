@@ -90,9 +90,14 @@ class StageConfig(Strict):
         None, description="One weight per loss_type entry (default: 1 each)."
     )
 
+    @property
+    def loss_types(self) -> list[str]:
+        """`loss_type` as a list (one entry when a single loss is given)."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
     @model_validator(mode="after")
     def _loss_weights_match(self) -> StageConfig:
-        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        types = self.loss_types
         if not types:
             raise ValueError("loss_type: give at least one loss")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):

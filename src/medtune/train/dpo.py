@@ -82,7 +82,7 @@ def train_dpo(
 ) -> StageResult:
     """Preference-tune the model at `model_path`; returns the full model or the LoRA adapter folder."""
     check_hardware(stage, "train.dpo")
-    for loss in [stage.loss_type] if isinstance(stage.loss_type, str) else stage.loss_type:
+    for loss in stage.loss_types:
         if loss not in LOSS_TYPES:
             raise ConfigError(
                 f"train.dpo.loss_type: unknown {loss!r}; known: {', '.join(sorted(LOSS_TYPES))}"
@@ -107,7 +107,7 @@ def train_dpo(
     args = DPOConfig(
         **trainer_arguments(stage, out_dir, seed=seed, has_eval=eval_ds is not None, n_train=len(train_ds)),
         beta=stage.beta,
-        loss_type=[stage.loss_type] if isinstance(stage.loss_type, str) else list(stage.loss_type),
+        loss_type=stage.loss_types,
         loss_weights=stage.loss_weights,
         max_length=stage.max_length,
     )
