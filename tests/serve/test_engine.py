@@ -46,17 +46,17 @@ def test_greedy_output_is_the_same_alone_and_batched(engine):
 def test_a_shared_prompt_start_is_prefilled_once_with_the_same_output(engine, tiny_model_dir):
     system = "Tu es ARIA, assistant de diagnostic biomécanique de la course. Réponds en JSON.\n"
     reqs = [_req(system + p, max_tokens=12) for p in PROMPTS]
-    before = engine.prompt_tokens_cached
+    before = engine.reused_prompt_tokens
     alone = [engine.generate_batch([r])[0].token_ids for r in reqs]
     together = [r.token_ids for r in engine.generate_batch(reqs)]
     shared = len(engine.encode(system, add_special_tokens=True)) - 2  # the last piece may merge
-    assert engine.prompt_tokens_cached - before >= 7 * shared  # every prompt after the first
+    assert engine.reused_prompt_tokens - before >= 7 * shared  # every prompt after the first
     plain = create_engine("transformers", str(tiny_model_dir),
                           options=EngineOptions(threads=1, prefix_caching=False))  # fmt: skip
     plain.start()
     try:
         fresh = [plain.generate_batch([r])[0].token_ids for r in reqs]
-        assert plain.prompt_tokens_cached == 0
+        assert plain.reused_prompt_tokens == 0
     finally:
         plain.close()
     assert alone == fresh and together == fresh
@@ -254,10 +254,10 @@ def test_an_adapter_replaced_under_its_name_does_not_reuse_the_old_prefix(served
         engine.unload_adapter("spec")
         assert "spec" not in engine._prefixes
         engine.load_adapter("spec", str(lora_adapters["radio"]))
-        before = engine.prompt_tokens_cached
+        before = engine.reused_prompt_tokens
         assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
-        assert engine.prompt_tokens_cached == before  # computed in full with the new weights
+        assert engine.reused_prompt_tokens == before  # computed in full with the new weights
         assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
-        assert engine.prompt_tokens_cached > before  # and reused from then on
+        assert engine.reused_prompt_tokens > before  # and reused from then on
     finally:
         engine.close()

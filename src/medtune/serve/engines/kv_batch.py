@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from medtune.serve.engines.sequence import Sequence
+from medtune.serve.engines.sequence import Sequence, common_prefix
 
 
 @dataclass
@@ -46,8 +46,7 @@ class Prefix:
         token of its own to prefill: its logits give the first output token)."""
         shared = len(self.ids)
         for s in seqs:
-            n = min(shared, len(s.prompt_ids) - 1)
-            shared = next((i for i in range(n) if s.prompt_ids[i] != self.ids[i]), n)
+            shared = min(shared, common_prefix(self.ids, s.prompt_ids), len(s.prompt_ids) - 1)
         return shared
 
     @classmethod
@@ -124,6 +123,12 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
+def plain_layers(cache: DynamicCache) -> bool:
+    """True when every layer is a plain full-attention one: such caches can be left-padded, joined along
+    the batch and seeded with a cached prefix. Sliding-window or linear-attention layers cannot."""
+    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
+
+
 def new_cache(config: Any) -> DynamicCache:
     """A DynamicCache whose plain layers append in place (sliding-window and other layers stay as they are)."""
     cache = DynamicCache(config=config)
@@ -154,9 +159,7 @@ class RunningBatch:
     def can_merge(self) -> bool:
         """Sliding-window or linear-attention caches cannot be left-padded and concatenated safely:
         such models are batched dynamically (new rows wait until the running ones end)."""
-        return self.cache is None or all(
-            type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers
-        )
+        return self.cache is None or plain_layers(self.cache)
 
     def add(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor) -> None:
         """Join freshly prefilled rows (their own cache, mask and next tokens) to the running ones."""

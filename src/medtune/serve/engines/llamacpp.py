@@ -37,7 +37,7 @@ import torch
 from medtune.errors import ConfigError, ModelError
 from medtune.serve.engines.base import EngineOptions, GenerationRequest
 from medtune.serve.engines.queued import QueuedEngine
-from medtune.serve.engines.sequence import Sequence, choose_tokens, only_stop_allowed
+from medtune.serve.engines.sequence import Sequence, choose_tokens, common_prefix, only_stop_allowed
 from medtune.serve.errors import BadRequest, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
@@ -86,7 +86,6 @@ class LlamaCppEngine(QueuedEngine):
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot] = []
         self.decode_steps = 0  # llama_decode calls so far (each serves every running request)
-        self.reused_prompt_tokens = 0  # prompt tokens found in a sequence's cache instead of computed
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -307,7 +306,7 @@ class LlamaCppEngine(QueuedEngine):
             if seq.cancelled:
                 continue
             prompt = seq.prompt_ids
-            shared = {i: _common_prefix(self._cached.get(i, []), prompt) for i in self._free_ids}
+            shared = {i: common_prefix(self._cached.get(i, []), prompt) for i in self._free_ids}
             best = max(self._free_ids, key=shared.__getitem__)
             self._free_ids.remove(best)
             self._cached.pop(best, None)
@@ -378,12 +377,3 @@ class LlamaCppEngine(QueuedEngine):
                 seq.deliver(delta)
             if not seq.finished:
                 slot.pending = [token]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

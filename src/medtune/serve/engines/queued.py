@@ -40,6 +40,7 @@ class QueuedEngine(Engine):
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.reused_prompt_tokens = 0  # prompt tokens taken from a cache (prefix reuse) instead of computed
         # Each engine's own logger, so that --log-prompts lines name the engine that wrote them.
         self._log = logging.getLogger(type(self).__module__)
 

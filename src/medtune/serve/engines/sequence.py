@@ -155,6 +155,16 @@ class Sequence:
         return self._text
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _token_text(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token], skip_special_tokens=False)
 

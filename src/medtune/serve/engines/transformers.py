@@ -34,7 +34,7 @@ from medtune.serve.engines.base import (
     EngineOptions,
     GenerationRequest,
 )
-from medtune.serve.engines.kv_batch import GrowingLayer, Prefix, RunningBatch, new_cache, prefill_inputs
+from medtune.serve.engines.kv_batch import Prefix, RunningBatch, new_cache, plain_layers, prefill_inputs
 from medtune.serve.engines.queued import QueuedEngine
 from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
@@ -64,8 +64,7 @@ class TransformersEngine(QueuedEngine):
         # Prefix caching: per adapter, the last prompt prefilled. Requests that share a system prompt
         # (every ARIA call) start from its keys and values instead of recomputing them.
         self._prefixes: dict[str | None, Prefix] = {}
-        self._prefix_ok = False  # set at start: plain attention layers only
-        self.prompt_tokens_cached = 0  # prompt tokens taken from the prefix cache instead of computed
+        self._prefix_ok = False  # set at start: plain attention layers only (`plain_layers`)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -114,9 +113,7 @@ class TransformersEngine(QueuedEngine):
         stops = sorted(self.eos_ids | self.turn_end_ids)
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
         self._bitmask = self.guide.allocate(opts.max_batch_size)
-        self._prefix_ok = opts.prefix_caching and all(
-            isinstance(layer, GrowingLayer) for layer in new_cache(model.config).layers
-        )
+        self._prefix_ok = opts.prefix_caching and plain_layers(new_cache(model.config))
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
@@ -299,7 +296,7 @@ class TransformersEngine(QueuedEngine):
         if prefix is not None and all(s.req.adapter == adapter for s in seqs):
             reuse = prefix.shared_with(seqs)
             reuse = reuse if reuse >= MIN_PREFIX else 0
-            self.prompt_tokens_cached += reuse * len(seqs)
+            self.reused_prompt_tokens += reuse * len(seqs)
         config = self.adapters.model.config
         ids, mask, pos, cache = prefill_inputs(seqs, self.pad_id, config, prefix, reuse)
         t0 = time.perf_counter()
