@@ -70,6 +70,8 @@ def trainer_arguments(
 ) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig, DPOConfig and Seq2SeqTrainingArguments."""
     dtype = resolve_dtype(stage.precision)
+    if dtype == torch.bfloat16 and not cuda_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("precision=bf16: this CPU has no native bf16 (avx512_bf16 or AMX); fp32 may be faster")
     save_steps = stage.save_steps
     early = bool(stage.early_stopping_patience) and has_eval
     if stage.early_stopping_patience and not has_eval:

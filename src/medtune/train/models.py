@@ -337,8 +337,6 @@ def resolve_dtype(precision: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and not cuda_available():
         raise HardwareError("precision=fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
-    if precision == "bf16" and not cuda_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("precision=bf16: this CPU has no native bf16 (avx512_bf16 or AMX); fp32 may be faster")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
