@@ -73,24 +73,28 @@ def server(model: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "medtune.cli", "serve", "--model", str(model), "--port", str(port),
            "--api-key", KEY, "--served-name", "aria-ft"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"medtune serve exited: {proc.stderr.read().decode()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    # The server's log goes to a file: a pipe nobody reads fills up (an access line per request) and
+    # blocks the server.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"medtune serve exited: {log.read().decode()[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def diagnosis(record: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 
 import pytest
 
@@ -32,6 +34,17 @@ def engine(tiny_model_dir):
 def _req(prompt: str, max_tokens: int = 24, **sampling) -> GenerationRequest:
     sampling.setdefault("temperature", 0.0)
     return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=max_tokens, **sampling))
+
+
+def _staggered(engine, reqs: list[GenerationRequest]) -> list[list[int]]:
+    async def run() -> list[list[int]]:
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.004 * i)
+            return (await engine.generate(reqs[i])).token_ids
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+
+    return asyncio.run(run())
 
 
 def test_greedy_output_is_the_same_alone_and_batched(engine):
@@ -66,15 +79,44 @@ def test_requests_joining_a_running_batch_get_the_same_output(engine):
     """Continuous batching: later requests join while earlier ones decode (different cache lengths)."""
     reqs = [_req(p, max_tokens=40 - 5 * i) for i, p in enumerate(PROMPTS)]
     alone = [engine.generate_batch([r])[0].token_ids for r in reqs]
+    assert _staggered(engine, reqs) == alone
 
-    async def staggered() -> list[list[int]]:
-        async def one(i: int) -> list[int]:
-            await asyncio.sleep(0.004 * i)
-            return (await engine.generate(reqs[i])).token_ids
 
-        return list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the prefill thread needs two cores")
+def test_prefills_overlap_decoding_or_not_with_the_same_output(engine, tiny_model_dir):
+    """On two cores new requests are prefilled on a second thread while the batch decodes; without it
+    the decoding thread prefills between two steps. Same tokens either way."""
+    assert engine._prefill_thread is not None and engine._prefill_thread.is_alive()
+    reqs = [_req(p, max_tokens=30 - 4 * i) for i, p in enumerate(PROMPTS * 2)]
+    overlapped = _staggered(engine, reqs)
+    serial = create_engine("transformers", str(tiny_model_dir),
+                           options=EngineOptions(threads=1, overlap_prefill=False))  # fmt: skip
+    serial.start()
+    try:
+        assert serial._prefill_thread is None
+        assert _staggered(serial, reqs) == overlapped
+    finally:
+        serial.close()
+    assert overlapped == [engine.generate_batch([r])[0].token_ids for r in reqs]
 
-    assert asyncio.run(staggered()) == alone
+
+def test_a_sliding_window_model_is_batched_dynamically(tiny_model_dir, tmp_path):
+    """Sliding-window caches cannot take rows mid-way: a batch runs to its end, then the next one starts."""
+    mistral = tmp_path / "mistral"
+    shutil.copytree(tiny_model_dir, mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8)
+    (mistral / "config.json").write_text(json.dumps(config))
+    eng = create_engine("transformers", str(mistral), options=EngineOptions(threads=1))
+    eng.start()
+    try:
+        assert eng._prefill_thread is None and not eng._prefix_ok
+        reqs = [_req(p, max_tokens=20) for p in PROMPTS]
+        alone = [eng.generate_batch([r])[0].token_ids for r in reqs]
+        assert _staggered(eng, reqs) == alone
+        assert [r.token_ids for r in eng.generate_batch(reqs)] == alone
+    finally:
+        eng.close()
 
 
 def test_each_row_keeps_its_own_sampling_settings(engine):

@@ -1,47 +1,145 @@
-"""The serving KV cache: in-place appends that keep DynamicLayer's contents."""
+"""The serving KV cache: rows in a RaggedBatch decode exactly as they would alone; joins and departures
+copy only the rows that move."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from medtune.serve.engines.kv_batch import GrowingLayer, new_cache
-
-
-def _step(layers, k, v):
-    return [layer.update(k, v) for layer in layers]
+from medtune.serve.engines.kv_batch import FixedBatch, RaggedBatch, new_cache, plain_layers, prefill_inputs
 
 
-def test_growing_layer_matches_dynamic_layer_and_appends_in_place():
-    torch.manual_seed(0)
-    grow, plain = GrowingLayer(), DynamicLayer()
-    prompt = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
-    _step([grow, plain], *prompt)
-    start = grow.keys.data_ptr()
-    for _ in range(70):  # past the first buffer's spare room (64): it grows once, by copying
-        (gk, gv), (pk, pv) = _step([grow, plain], torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
-        assert torch.equal(gk, pk) and torch.equal(gv, pv)
-    assert grow.get_seq_length() == plain.get_seq_length() == 75
-    assert grow.keys.data_ptr() != start  # grew once
-    ptr = grow.keys.data_ptr()
-    _step([grow, plain], torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
-    assert grow.keys.data_ptr() == ptr  # and appends in place again
+class Row:
+    """The part of a Sequence the batch reads."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self.finished = False
 
 
-def test_rows_replaced_from_outside_are_taken_over():
-    # RunningBatch selects, pads and concatenates `keys`/`values` directly between steps.
-    torch.manual_seed(1)
-    grow, plain = GrowingLayer(), DynamicLayer()
-    _step([grow, plain], torch.randn(4, 2, 6, 4), torch.randn(4, 2, 6, 4))
-    for layer in (grow, plain):
-        layer.batch_select_indices(torch.tensor([0, 2]))
-        layer.keys, layer.values = layer.keys[..., 2:, :], layer.values[..., 2:, :]  # trimmed columns
-    (gk, gv), (pk, pv) = _step([grow, plain], torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
-    assert gk.shape == (2, 2, 5, 4) and torch.equal(gk, pk) and torch.equal(gv, pv)
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
-def test_new_cache_uses_growing_layers(tiny_model_dir):
-    from transformers import AutoConfig
+def _prompts(model, lengths: list[int]) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(sum(lengths))
+    vocab = model.config.vocab_size
+    return [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
 
-    cache = new_cache(AutoConfig.from_pretrained(tiny_model_dir))
-    assert cache.layers and all(type(layer) is GrowingLayer for layer in cache.layers)
+
+def _prefill(model, rows: list[Row]):
+    ids, mask, pos, cache = prefill_inputs(rows, 0, model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    return cache, mask, out.logits[:, -1].argmax(-1)
+
+
+def _alone(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Reference: one row in a plain DynamicCache, greedy; the logits of each decoding step."""
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True)
+        nxt, logits = out.logits[:, -1].argmax(-1), []
+        for _ in range(steps):
+            out = model(input_ids=nxt.view(1, 1), cache=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            nxt = out.logits[:, -1].argmax(-1)
+    return logits
+
+
+def _step(model, batch: RaggedBatch) -> torch.Tensor:
+    ids, mask, pos = batch.decode_inputs()
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=batch.cache, use_cache=True)
+    logits = out.logits[:, -1]
+    batch.advance(logits.argmax(-1))
+    return logits
+
+
+def test_rows_joining_and_leaving_decode_as_they_would_alone(model):
+    prompts = _prompts(model, [7, 19, 12, 30])
+    rows = [Row(p) for p in prompts]
+    reference = {id(r): _alone(model, r.prompt_ids, 12) for r in rows}
+    seen: dict[int, list[torch.Tensor]] = {id(r): [] for r in rows}
+    batch = RaggedBatch()
+    batch.add(*_prefill(model, rows[:2])[:2], rows[:2], _prefill(model, rows[:2])[2])  # left-padded pair
+    for step in range(12):
+        if step == 3:  # two more join, prefilled together (different lengths: padding between them)
+            cache, mask, first = _prefill(model, rows[2:])
+            batch.add(cache, mask, rows[2:], first)
+        if step == 6:  # the first row leaves: the last row takes its slot
+            rows[0].finished = True
+            assert batch.drop_finished() == 1
+            assert [id(r) for r in batch.rows] == [id(rows[3]), id(rows[1]), id(rows[2])]
+        logits = _step(model, batch)
+        for row, row_logits in zip(batch.rows, logits, strict=True):
+            seen[id(row)].append(row_logits)
+    for row in rows:
+        got, want = seen[id(row)], reference[id(row)][: len(seen[id(row)])]
+        assert len(got) >= 6
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, w, atol=1e-4), "a row's logits depend on its neighbours"
+
+
+def test_a_departure_copies_one_row_and_the_buffers_stay(model):
+    rows = [Row(p) for p in _prompts(model, [9, 9, 9, 9])]
+    cache, mask, first = _prefill(model, rows)
+    batch = RaggedBatch()
+    batch.add(cache, mask, rows, first)
+    _step(model, batch)
+    keys = batch.cache.layers[0].buffers[0]
+    last_row = keys[3, :, :10].clone()
+    rows[1].finished = True
+    assert batch.drop_finished() == 1
+    assert batch.cache.layers[0].buffers[0].data_ptr() == keys.data_ptr()  # no reallocation
+    assert torch.equal(keys[1, :, :10], last_row)  # the last row moved into the free slot
+    assert batch.lengths.tolist() == [10, 10, 10]
+    rows[0].finished = rows[2].finished = rows[3].finished = True
+    assert batch.drop_finished() == 3 and len(batch) == 0
+
+
+def test_buffers_grow_when_a_row_outgrows_them(model):
+    rows = [Row(p) for p in _prompts(model, [5, 6])]
+    cache, mask, first = _prefill(model, rows)
+    batch = RaggedBatch()
+    batch.add(cache, mask, rows, first)
+    room = batch.cache.layers[0].buffers[0].shape[2]
+    reference = _alone(model, rows[1].prompt_ids, room + 3)
+    for _ in range(room + 3):  # past the first buffers' columns: they are replaced once
+        logits = _step(model, batch)
+    assert batch.cache.layers[0].buffers[0].shape[2] > room
+    assert torch.allclose(logits[1], reference[-1], atol=1e-4)
+
+
+def test_models_with_sliding_window_layers_use_fixed_batches(tiny_model_dir, tmp_path):
+    mistral = tmp_path / "mistral"
+    shutil.copytree(tiny_model_dir, mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8)
+    (mistral / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(mistral).eval()
+    assert not plain_layers(new_cache(model.config))
+    rows = [Row(p) for p in _prompts(model, [12, 12])]
+    batch = FixedBatch()
+    batch.add(*_prefill(model, rows)[:2], rows, _prefill(model, rows)[2])
+    assert not batch.can_merge()  # new rows wait for the next batch
+    with pytest.raises(RuntimeError):
+        batch.add(*_prefill(model, rows)[:2], rows, _prefill(model, rows)[2])
+    reference = _alone(model, rows[0].prompt_ids, 10)
+    for i in range(10):
+        ids, mask, pos = batch.decode_inputs()
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, cache=batch.cache, use_cache=True
+            )
+        batch.advance(out.logits[:, -1].argmax(-1))
+        assert torch.allclose(out.logits[0, -1], reference[i], atol=1e-4)
+    rows[1].finished = True
+    assert batch.drop_finished() == 1 and len(batch) == 1
+    rows[0].finished = True
+    assert batch.drop_finished() == 1 and batch.can_merge()

@@ -45,6 +45,7 @@ class ServeSettings(Settings):
     device: str = "auto"
     threads: int | None = None
     prefix_caching: bool = True
+    overlap_prefill: bool = True
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = None
 
@@ -155,7 +156,7 @@ def serve(args: argparse.Namespace) -> int:
     options = EngineOptions(
         max_model_len=opt("max_model_len"), max_batch_size=opt("max_batch_size"), max_queue=opt("max_queue"),
         dtype=opt("dtype"), device=opt("device"), threads=opt("threads"), log_prompts=log_prompts,
-        prefix_caching=opt("prefix_caching"),
+        prefix_caching=opt("prefix_caching"), overlap_prefill=opt("overlap_prefill"),
     )  # fmt: skip
     engine = create_engine(engine_name, model, adapters=adapters, options=options)
     engine.start()
@@ -234,6 +235,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the model")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="prefill every prompt in full (default: reuse the start shared with the last one)")  # fmt: skip
+    p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false", default=None,
+                   help="prefill new requests between decoding steps on the decoding thread (default on CPU "
+                        "with 2+ cores: on a second thread, while the running requests decode)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")

@@ -1,24 +1,29 @@
-"""The rows the transformers engine decodes together, and their one shared KV cache.
+"""The rows the transformers engine decodes together, and their KV cache.
 
-    batch = RunningBatch()
     ids, mask, pos, cache = prefill_inputs(new_seqs, pad_id, config)   # left-padded prompts
     ... forward, sample first tokens ...
+    batch = RaggedBatch()
     batch.add(cache, mask, new_seqs, first_tokens)     # join the running rows (continuous batching)
     ids, mask, pos = batch.decode_inputs()             # one token per row
-    ... forward, sample ...
-    batch.advance(mask, next_tokens); batch.drop_finished()
+    logits = model(ids, attention_mask=mask, position_ids=pos, cache=batch.cache, ...)
+    batch.advance(next_tokens); batch.drop_finished()
 
-Rows are left-padded to a common length: the 2-D attention mask hides the padding and each row's
-position ids count only its real tokens, so a row's numbers do not depend on its neighbours (greedy
-output is the same alone or batched). Joining rows pads the shorter cache on the left and
-concatenates along the batch; dropping rows selects the others and trims columns that became padding
-for everyone. Only plain `DynamicLayer` caches can be padded this way (`can_merge`).
+New requests are prefilled together in a cache of their own: prompts left-padded to a common length,
+a 2-D attention mask hiding the padding, position ids counting only each row's real tokens, so that
+a row's numbers do not depend on its neighbours (greedy output is the same alone or batched).
 
-Each layer is a `GrowingLayer`: its keys and values are views of a buffer with room to spare, so a
-decoding step writes one column in place, where transformers' `DynamicLayer` copies the whole cache
-into a new tensor (`torch.cat`) every step. Measured on the embedded model (batch 8, CPU): the same
-step time on a quiet machine; with a training job on the same cores the copies were 65% of the step.
-Prefix caching (`Prefix`) seeds a new batch's cache with a previous prompt's keys and values.
+`RaggedBatch` (models whose layers are plain full-attention ones) keeps the running rows in
+preallocated buffers [rows, heads, columns, dim]: row i holds its tokens in columns [0, len_i), with
+no padding, and a decoding step writes each row's new key and value at its own column, in place.
+Joining copies only the new rows in; a finished row's slot is refilled with the last row (one row
+copied). The mask is each row's own length. transformers' `DynamicLayer` instead copies the whole
+cache every step (`torch.cat`), and merging left-padded caches copies it at every join and departure:
+measured on the embedded model with 8 clients, those copies were ~4 ms of the ~25 ms each request
+cost the decoding thread.
+
+`FixedBatch` (sliding-window, linear-attention and other caches, which cannot be padded or joined
+safely): the rows prefilled together decode together until they end; new requests wait for the
+next batch (dynamic batching).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -80,123 +84,179 @@ def prefill_inputs(
         for layer, (k, v) in zip(cache.layers, prefix.layers, strict=True):
             k, v = (t[:, :reuse].unsqueeze(0).expand(len(seqs), -1, -1, -1) for t in (k, v))
             layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v  # copied into the layer's buffer at its first update
+            layer.keys, layer.values = k, v  # the rest is concatenated at the first update
     return ids, mask, pos, cache
 
 
-class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` that appends in place: `keys`/`values` are views of the first columns of larger
-    buffers. When they are replaced from outside (rows joined, selected or trimmed), the next update
-    copies them into fresh buffers once."""
+def plain_layers(cache: DynamicCache) -> bool:
+    """True when every layer is a plain full-attention one: such caches can be seeded with a cached
+    prefix and their rows decoded in a `RaggedBatch`. Sliding-window or linear-attention layers cannot."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    def __init__(self) -> None:
+
+def new_cache(config: Any) -> DynamicCache:
+    """A fresh cache for a prefill (the model's own layer types)."""
+    return DynamicCache(config=config)
+
+
+class RaggedLayer(DynamicLayer):
+    """One layer of a `RaggedBatch`'s cache: row i's keys and values fill columns [0, len_i) of row i of
+    preallocated buffers; `update` writes each row's one new token at column len_i, in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # what `update` last returned
+        self.buffers = (keys, values)
+        self.device = keys.device
+        self.is_initialized = True
+        self.rows = torch.zeros(0, dtype=torch.long)  # set by the batch before each step:
+        self.columns = torch.zeros(0, dtype=torch.long)  # where each row's new token goes
+        self.width = 1  # columns the step attends to (the longest row, new token included)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        used = self.get_seq_length()
-        new = used + key_states.shape[-2]
-        ours = self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
-        if not ours or self._buffers is None or self._buffers[0].shape[-2] < new:
-            room = new + max(64, new // 2)
-            buffers = []
-            for old, fresh in ((self.keys, key_states), (self.values, value_states)):
-                buf = fresh.new_empty((*fresh.shape[:-2], room, fresh.shape[-1]))
-                if used:
-                    buf[..., :used, :] = old
-                buffers.append(buf)
-            self._buffers = (buffers[0], buffers[1])
-        k, v = self._buffers
-        k[..., used:new, :] = key_states
-        v[..., used:new, :] = value_states
-        self.keys, self.values = k[..., :new, :], v[..., :new, :]
-        self._views = (self.keys, self.values)
+        if key_states.shape[-2] != 1:
+            raise ValueError("a RaggedLayer takes one new token per row (prefill in a DynamicCache)")
+        keys, values = self.buffers
+        keys[self.rows, :, self.columns] = key_states[:, :, 0]
+        values[self.rows, :, self.columns] = value_states[:, :, 0]
+        n = len(self.rows)
+        self.keys, self.values = keys[:n, :, : self.width], values[:n, :, : self.width]
         return self.keys, self.values
 
-    def reset(self) -> None:
-        self._buffers = self._views = None
-        super().reset()
+    def get_seq_length(self) -> int:
+        return self.width - 1  # before this step's token: the mask then covers `width` columns
 
 
-def plain_layers(cache: DynamicCache) -> bool:
-    """True when every layer is a plain full-attention one: such caches can be left-padded, joined along
-    the batch and seeded with a cached prefix. Sliding-window or linear-attention layers cannot."""
-    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
+class RaggedBatch:
+    """The running rows, decoded together over one cache of `RaggedLayer`s (continuous batching)."""
 
-
-def new_cache(config: Any) -> DynamicCache:
-    """A DynamicCache whose plain layers append in place (sliding-window and other layers stay as they are)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def _pad_left(t: torch.Tensor, width: int, dim_from_end: int) -> torch.Tensor:
-    missing = width - t.shape[-dim_from_end]
-    if missing == 0:
-        return t
-    return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
-
-
-class RunningBatch:
     def __init__(self) -> None:
         self.rows: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, columns], 1 for real tokens
-        self.next: torch.Tensor | None = None  # each row's next input token
+        self.cache: DynamicCache | None = None  # buffers kept when the batch empties, reused
+        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per row
+        self.next = torch.zeros(0, dtype=torch.long)  # each row's next input token
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def clear(self) -> None:
-        self.rows, self.cache, self.mask, self.next = [], None, None, None
+        self.rows, self.cache = [], None
+        self.lengths = self.next = torch.zeros(0, dtype=torch.long)
 
     def can_merge(self) -> bool:
-        """Sliding-window or linear-attention caches cannot be left-padded and concatenated safely:
-        such models are batched dynamically (new rows wait until the running ones end)."""
-        return self.cache is None or plain_layers(self.cache)
+        return True
+
+    def _reserve(self, rows: int, columns: int, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Buffers with room for `rows` x `columns` (grown by copying the rows in use when too small);
+        `like` gives each layer's keys and values [batch, heads, tokens, dim] (shapes, dtype, device)."""
+        have = self.cache.layers[0].buffers[0].shape if self.cache is not None else None
+        if have is not None and have[0] >= rows and have[2] >= columns:
+            return
+        rows = max(rows, 2 * have[0] if have else 4)
+        columns = columns + max(64, columns // 2)
+        layers = []
+        for i, pair in enumerate(like):
+            fresh = [t.new_zeros((rows, t.shape[1], columns, t.shape[3])) for t in pair]
+            if self.cache is not None and self.rows:
+                width = int(self.lengths.max())
+                for new, old in zip(fresh, self.cache.layers[i].buffers, strict=True):
+                    new[: len(self.rows), :, :width] = old[: len(self.rows), :, :width]
+            layers.append(RaggedLayer(*fresh))
+        self.cache = DynamicCache()
+        self.cache.layers = layers
 
     def add(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor) -> None:
-        """Join freshly prefilled rows (their own cache, mask and next tokens) to the running ones."""
-        if not self.rows:
-            self.cache, self.mask, self.rows, self.next = cache, mask, list(seqs), nxt
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)], dim=0)
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)], dim=0)
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        """Copy freshly prefilled rows (their cache, left-padded under `mask`) in after the running ones."""
+        lengths = mask.sum(-1).cpu()
+        first = len(self.rows)
+        self._reserve(first + len(seqs), int(lengths.max()) + 1, [(x.keys, x.values) for x in cache.layers])
+        device = self.cache.layers[0].device
+        columns = [row.nonzero().flatten().to(device) for row in mask]  # each row's real tokens
+        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
+            for buf, src in zip(layer.buffers, (new.keys, new.values), strict=True):
+                for j, cols in enumerate(columns):
+                    n = len(cols)
+                    buf[first + j, :, :n] = src[j] if n == src.shape[2] else src[j].index_select(1, cols)
         self.rows = self.rows + list(seqs)
-        self.next = torch.cat([self.next, nxt])
+        self.lengths = torch.cat([self.lengths, lengths])
+        self.next = torch.cat([self.next, nxt.cpu()])
 
     def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input ids [rows, 1], the mask grown by one column, and each row's next position."""
-        mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
-        return self.next.view(-1, 1), mask, mask.sum(-1, keepdim=True) - 1
+        """Input ids [rows, 1], the mask (each row's tokens and its new one), each row's next position."""
+        width = int(self.lengths.max()) + 1
+        self._reserve(len(self.rows), width, [layer.buffers for layer in self.cache.layers])
+        device = self.cache.layers[0].device
+        rows, columns = torch.arange(len(self.rows), device=device), self.lengths.to(device)
+        for layer in self.cache.layers:
+            layer.rows, layer.columns, layer.width = rows, columns, width
+        mask = (torch.arange(width)[None, :] <= self.lengths[:, None]).long()
+        return self.next.view(-1, 1), mask, self.lengths.view(-1, 1)
 
-    def advance(self, mask: torch.Tensor, nxt: torch.Tensor) -> None:
-        self.mask, self.next = mask, nxt
+    def advance(self, nxt: torch.Tensor) -> None:
+        self.lengths = self.lengths + 1
+        self.next = nxt
 
-    def drop_finished(self) -> None:
-        """Remove finished or cancelled rows from the batch and the cache."""
+    def drop_finished(self) -> int:
+        """Remove finished or cancelled rows: the last running rows move into the freed slots (one row
+        copied per finished one, the other rows untouched). Return how many rows were removed."""
+        n = len(self.rows)
         keep = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(keep) == len(self.rows):
-            return
+        if len(keep) == n:
+            return 0
+        left = len(keep)
+        holes = [i for i in range(left) if self.rows[i].finished]
+        movers = [i for i in range(left, n) if not self.rows[i].finished]
+        order = list(range(left))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        for hole, mover in zip(holes, movers, strict=True):
+            width = int(self.lengths[mover])
+            for layer in self.cache.layers:
+                for buf in layer.buffers:
+                    buf[hole, :, :width].copy_(buf[mover, :, :width])
+        self.rows = [self.rows[i] for i in order]
+        self.lengths, self.next = self.lengths[order], self.next[order]
+        return n - left
+
+
+class FixedBatch:
+    """Rows prefilled together that decode together until they all end (caches that cannot be joined)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def clear(self) -> None:
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, columns], 1 for real tokens
+        self.next: torch.Tensor | None = None
+
+    def can_merge(self) -> bool:
+        return not self.rows
+
+    def add(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor) -> None:
+        if self.rows:
+            raise RuntimeError("a FixedBatch takes new rows only when it is empty")
+        self.cache, self.mask, self.rows, self.next = cache, mask, list(seqs), nxt
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        return self.next.view(-1, 1), self.mask, self.mask.sum(-1, keepdim=True) - 1
+
+    def advance(self, nxt: torch.Tensor) -> None:
+        self.next = nxt
+
+    def drop_finished(self) -> int:
+        keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        dropped = len(self.rows) - len(keep)
         if not keep:
             self.clear()
-            return
-        self.cache.batch_select_indices(torch.tensor(keep, device=self.cache.layers[0].keys.device))
-        self.rows = [self.rows[i] for i in keep]
-        self.mask = self.mask[keep]
-        self.next = self.next[keep]
-        first = int((self.mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every row
-        if first > 0:
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
+        elif dropped:
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.cache.layers[0].keys.device))
+            self.rows = [self.rows[i] for i in keep]
+            self.mask, self.next = self.mask[keep], self.next[keep]
+        return dropped

@@ -62,7 +62,7 @@ class QueuedEngine(Engine):
                     f"{self.running} running); retry later"
                 )
             self._waiting.append(seq)
-            self._cond.notify()
+            self._cond.notify_all()  # the scheduler, and the transformers engine's prefill thread
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[StreamDelta]:
         return self._stream(req, bounded=True)

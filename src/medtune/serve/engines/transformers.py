@@ -4,13 +4,15 @@
                                 options=EngineOptions(max_batch_size=16, max_queue=64))
     engine.start()          # loads the model and starts the scheduler thread
 
-A scheduler thread decodes every running request together, one token per step, over one shared KV
-cache (`kv_batch.RunningBatch`). New requests join between steps: they are prefilled together (left
+A decoding thread decodes every running request together, one token per step, over one shared KV
+cache (`kv_batch.RaggedBatch`). New requests join between steps: they are prefilled together (left
 padding, attention mask, position ids counted from each row's first real token) and their cache rows
-join the running ones; finished rows are dropped. Every row keeps its own sampling settings, stop strings, seed,
-xgrammar matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone
-or batched. The event loop only tokenises, validates and waits on a per-request queue; the bounded
-waiting queue turns overload into `QueueFull` (HTTP 429).
+are copied in; finished rows leave. On a CPU with two cores or more, prefills run on a second thread
+while the running requests keep decoding (`overlap_prefill`), so that a new prompt does not stall
+everyone's next token; otherwise the decoding thread prefills between two steps. Every row keeps its
+own sampling settings, stop strings, seed, xgrammar matcher and LoRA adapter (PEFT mixed-batch
+forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
+waits on a per-request queue; the bounded waiting queue turns overload into `QueueFull` (HTTP 429).
 
 Why not transformers' own `ContinuousBatchingManager` or `generate()`: neither lets each request of
 one batch carry its own grammar matcher and its own adapter, which is the point of this server.
@@ -19,7 +21,9 @@ one batch carry its own grammar matcher and its own adapter, which is the point 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -34,7 +38,14 @@ from medtune.serve.engines.base import (
     EngineOptions,
     GenerationRequest,
 )
-from medtune.serve.engines.kv_batch import Prefix, RunningBatch, new_cache, plain_layers, prefill_inputs
+from medtune.serve.engines.kv_batch import (
+    FixedBatch,
+    Prefix,
+    RaggedBatch,
+    new_cache,
+    plain_layers,
+    prefill_inputs,
+)
 from medtune.serve.engines.queued import QueuedEngine
 from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
@@ -44,6 +55,14 @@ log = logging.getLogger(__name__)
 
 MIN_PREFIX = 16  # shorter shared prefixes are recomputed: copying their cache would not pay
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class TransformersEngine(QueuedEngine):
@@ -59,8 +78,13 @@ class TransformersEngine(QueuedEngine):
         self.adapters: AdapterSet | None = None
         self._model_lock = threading.RLock()
         self._thread: threading.Thread | None = None
-        self._batch = RunningBatch()  # the rows decoding now (scheduler thread only)
-        self._prefilling = 0  # rows admitted but not yet in the batch (counted as running)
+        self._batch: RaggedBatch | FixedBatch = FixedBatch()  # the rows decoding now (set at start)
+        self._prefilling = 0  # rows admitted and being prefilled (counted as running)
+        self._ready: list[tuple[DynamicCache, torch.Tensor, list[Sequence], torch.Tensor]] = []  # prefilled,
+        # waiting for the decoding thread to join them to the batch: (cache, mask, rows, next tokens)
+        self._prefill_thread: threading.Thread | None = None
+        self._prefill_lock = threading.Lock()  # held while the prefill thread runs the model
+        self._forward_lock = threading.Lock()  # PEFT's per-row adapter hooks: one forward at a time
         # Prefix caching: per adapter, the last prompt prefilled. Requests that share a system prompt
         # (every ARIA call) start from its keys and values instead of recomputing them.
         self._prefixes: dict[str | None, Prefix] = {}
@@ -113,10 +137,18 @@ class TransformersEngine(QueuedEngine):
         stops = sorted(self.eos_ids | self.turn_end_ids)
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
         self._bitmask = self.guide.allocate(opts.max_batch_size)
-        self._prefix_ok = opts.prefix_caching and plain_layers(new_cache(model.config))
+        self._prefill_bitmask = self.guide.allocate(opts.max_batch_size)
+        plain = plain_layers(new_cache(model.config))
+        self._prefix_ok = opts.prefix_caching and plain
+        self._batch = RaggedBatch() if plain else FixedBatch()
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
+        if opts.overlap_prefill and plain and device == "cpu" and _cores() >= 2:
+            self._prefill_thread = threading.Thread(
+                target=self._run_prefill, name="medtune-prefill", daemon=True
+            )
+            self._prefill_thread.start()
         log.info(
             "transformers engine: %s on %s (%s), context %d, batch %d, queue %d",
             path, device, str(dtype).removeprefix("torch."), self._max_context, opts.max_batch_size, opts.max_queue,
@@ -154,12 +186,14 @@ class TransformersEngine(QueuedEngine):
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        left = list(self._waiting) + self._batch.rows
+        for thread in (self._thread, self._prefill_thread):
+            if thread is not None:
+                thread.join(timeout=30)
+        left = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r[2]]
         deliver_all([(s, ShuttingDown("the server stopped before this request finished")) for s in left])
         self._waiting.clear()
         self._batch.clear()
+        self._ready.clear()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -188,15 +222,14 @@ class TransformersEngine(QueuedEngine):
         return dict(self.adapters.paths) if self.adapters else {}
 
     def load_adapter(self, name: str, path: str) -> None:
-        with self._model_lock:  # between two decoding steps
+        with self._model_lock, self._prefill_lock:  # between two decoding steps and two prefills
             self.adapters.load(name, path)
             self._prefixes.pop(name, None)  # computed with the adapter this one replaces
 
     def unload_adapter(self, name: str) -> None:
-        with self._model_lock:
-            busy = [
-                s for s in list(self._waiting) + self._batch.rows if s.req.adapter == name and not s.finished
-            ]
+        with self._model_lock, self._prefill_lock:
+            queued = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r[2]]
+            busy = [s for s in queued if s.req.adapter == name and not s.finished]
             if busy:
                 raise Conflict(
                     f"adapter {name!r} has {len(busy)} request(s) in flight; retry when they finish"
@@ -208,7 +241,7 @@ class TransformersEngine(QueuedEngine):
 
     @property
     def running(self) -> int:
-        return len(self._batch) + self._prefilling
+        return len(self._batch) + self._prefilling + sum(len(r[2]) for r in self._ready)
 
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         if not self.loaded or self._stopping:
@@ -230,37 +263,86 @@ class TransformersEngine(QueuedEngine):
     # -- scheduler thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The decoding thread: joins prefilled rows to the batch and decodes one token per row per step
+        (and prefills new requests itself when there is no prefill thread)."""
         if self._threads:
             torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._batch.rows:
+                    while not (self._stopping or self._ready or self._batch.rows
+                               or (self._waiting and self._prefill_thread is None)):  # fmt: skip
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admit = []
+                    if self._prefill_thread is None:
+                        admit = self._admit()
+                        self._prefilling = len(admit)
+                try:
+                    with self._model_lock:
+                        dropped = self._batch.drop_finished()
+                        if admit:
+                            self._prefill(admit, self._bitmask)
+                            self._prefilling = 0
+                        self._join_ready()
+                        if self._batch.rows:
+                            dropped += self._decode()
+                    if dropped and self._prefill_thread is not None:
+                        with self._cond:
+                            self._cond.notify_all()  # room for the prefill thread
+                except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
+                    log.exception("decoding step failed")
+                    with self._cond:  # rows that were to join the batch fail with it
+                        joining = [s for r in self._ready for s in r[2]]
+                        self._ready.clear()
+                    self._fail(self._batch.rows + admit + joining, exc)
+                    self._batch.clear()
+                    if self._prefill_thread is None:
+                        self._prefilling = 0
+
+    def _run_prefill(self) -> None:
+        """The prefill thread (CPU, two cores or more): prefills waiting requests while the decoding
+        thread decodes the running ones, so that a new request's prompt does not stall everyone's next
+        token. Both threads run the model on one core each (torch releases the GIL inside its ops)."""
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not (self._waiting and self._room() > 0):
                         self._cond.wait()
                     if self._stopping:
                         return
                     admit = self._admit()
                     self._prefilling = len(admit)
                 try:
-                    with self._model_lock:
-                        self._batch.drop_finished()
-                        if admit:
-                            self._prefill(admit)
+                    with self._prefill_lock:
+                        self._prefill(admit, self._prefill_bitmask)
+                except Exception as exc:
+                    log.exception("prefill failed")
+                    self._fail(admit, exc)
+                finally:
+                    with self._cond:
                         self._prefilling = 0
-                        if self._batch.rows:
-                            self._decode()
-                except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
-                    log.exception("decoding step failed")
-                    failed = [s for s in self._batch.rows + admit if not s.finished]
-                    deliver_all([(s, ServeError(f"decoding failed: {type(exc).__name__}")) for s in failed])
-                    for seq in failed:
-                        seq.cancel()
-                    self._batch.clear()
-                    self._prefilling = 0
+                        self._cond.notify_all()
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        failed = [s for s in seqs if not s.finished]
+        deliver_all([(s, ServeError(f"decoding failed: {type(exc).__name__}")) for s in failed])
+        for seq in failed:
+            seq.cancel()
+
+    def _room(self) -> int:
+        """Batch rows free for waiting requests (caller holds the condition). Models whose cache rows
+        cannot be merged (`RunningBatch.can_merge`) start new requests only when the batch is empty."""
+        if not self._batch.can_merge():
+            return 0
+        return self.options.max_batch_size - self.running
 
     def _admit(self) -> list[Sequence]:
-        """Waiting requests that join the batch now (caller holds the condition)."""
-        room = self.options.max_batch_size - len(self._batch) if self._batch.can_merge() else 0
+        """Waiting requests that start now (caller holds the condition)."""
+        room = self._room()
         admit = []
         while self._waiting and len(admit) < room:
             seq = self._waiting.popleft()
@@ -268,21 +350,30 @@ class TransformersEngine(QueuedEngine):
                 admit.append(seq)
         return admit
 
+    def _join_ready(self) -> None:
+        """Prefilled rows join the running batch (under the condition: they are counted once)."""
+        with self._cond:
+            while self._ready:
+                cache, mask, seqs, tokens = self._ready[0]
+                self._batch.add(cache, mask, seqs, tokens)
+                self._ready.pop(0)
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
                  seqs: list[Sequence]) -> torch.Tensor:  # fmt: skip
         """Last-position logits (float32, CPU) for every row, each through its own adapter."""
-        out = self.adapters.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
-        )
+        with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
+            out = self.adapters.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
+            )
         return out.logits[:, -1, :].float().cpu()
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], bitmask: torch.Tensor) -> None:
         gone = [s for s in seqs if s.req.adapter is not None and s.req.adapter not in self.adapters.paths]
         if gone:  # unloaded between the request's arrival and its turn
             deliver_all([(s, ModelNotFound(f"adapter {s.req.adapter!r} was unloaded", param="model"))
@@ -305,27 +396,30 @@ class TransformersEngine(QueuedEngine):
                   1000 * (time.perf_counter() - t0))  # fmt: skip
         if self._prefix_ok:
             self._prefixes[adapter] = Prefix.of_row(seqs[0], cache, mask, 0)
-        tokens = self._step(seqs, logits)
+        tokens = self._step(seqs, logits, bitmask)
         keep = [i for i, s in enumerate(seqs) if not s.finished]
         if keep:
             cache.batch_select_indices(torch.tensor(keep, device=self.device))
-            self._batch.add(cache, mask[keep], [seqs[i] for i in keep], tokens[keep])
+            with self._cond:
+                self._ready.append((cache, mask[keep], [seqs[i] for i in keep], tokens[keep]))
+                self._cond.notify_all()
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """One token for every running row; return how many rows finished."""
         ids, mask, pos = self._batch.decode_inputs()
         logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows)
-        self._batch.advance(mask, self._step(self._batch.rows, logits))
-        self._batch.drop_finished()
+        self._batch.advance(self._step(self._batch.rows, logits, self._bitmask))
+        return self._batch.drop_finished()
 
-    def _step(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    def _step(self, seqs: list[Sequence], logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         """Choose, record and deliver each row's next token; return the tokens (the next inputs)."""
-        chosen = choose_tokens(logits, seqs, self.guide, self._bitmask, self.tokenizer)
+        chosen = choose_tokens(logits, seqs, self.guide, bitmask, self.tokenizer)
         out = []
         for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
             if seq.cancelled:
                 continue
             delta = seq.append(token, logprob)
-            if not seq.finished and only_stop_allowed(self.guide, self._bitmask, i, seq, self.vocab):
+            if not seq.finished and only_stop_allowed(self.guide, bitmask, i, seq, self.vocab):
                 # The answer is complete; skip the forward pass that could only produce a stop token.
                 done = seq.finish_completed()
                 delta.text += done.text
