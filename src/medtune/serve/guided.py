@@ -168,9 +168,14 @@ class Guide:
 
     def fill(self, bitmask: torch.Tensor, row: int, matcher: xgr.GrammarMatcher) -> None:
         """Write the tokens `matcher` allows next (special tokens never) into `bitmask[row]`."""
-        matcher.fill_next_token_bitmask(bitmask, row)
-        if self._has_forbidden:
-            bitmask[row] &= self._keep
+        self.fill_rows(bitmask, [(row, matcher)])
+
+    def fill_rows(self, bitmask: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
+        """`fill` for several rows of one batch (the special-token mask applied once for all)."""
+        for row, matcher in matchers:
+            matcher.fill_next_token_bitmask(bitmask, row)
+        if self._has_forbidden and matchers:
+            bitmask[: max(row for row, _ in matchers) + 1] &= self._keep
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""

@@ -201,20 +201,21 @@ def choose_tokens(
     # Grammar: fill the mask only for constrained rows, apply it to those rows in one call.
     rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if rows and guide is not None and bitmask is not None:
-        for i in rows:
-            guide.fill(bitmask, i, seqs[i].matcher)
+        guide.fill_rows(bitmask, [(i, seqs[i].matcher) for i in rows])
         guide.apply(logits, bitmask, rows)
     greedy = [s.sampling.greedy for s in seqs]
     tokens = logits.argmax(dim=-1).tolist() if any(greedy) else [0] * len(seqs)
     # Plain temperature sampling for all such rows at once (Gumbel-max: argmax of logits / T minus the
-    # log of Exp(1) noise), the noise drawn from each row's own seeded generator.
+    # log of Exp(1) noise), the noise drawn from each row's own seeded generator. Exp(1) is -log(U) for U
+    # uniform: drawing U is ~5x cheaper than `exponential_`, and the logarithms run once for all rows.
     plain = [i for i, s in enumerate(seqs) if not greedy[i] and s.sampling.top_p >= 1.0]
     if plain:
         noise = torch.empty(len(plain), logits.shape[-1])
         for j, i in enumerate(plain):
-            noise[j].exponential_(generator=seqs[i].generator)
+            noise[j].uniform_(generator=seqs[i].generator)
+        noise.log_().neg_().log_()  # log(Exp(1)); U = 0 gives +inf: that token is never picked
         temps = torch.tensor([seqs[i].sampling.temperature for i in plain])[:, None]
-        picked = (logits[plain] / temps - noise.log()).argmax(dim=-1).tolist()
+        picked = (logits[plain] / temps - noise).argmax(dim=-1).tolist()
         for i, t in zip(plain, picked, strict=True):
             tokens[i] = t
     for i, s in enumerate(seqs):
