@@ -135,6 +135,47 @@ async def measure_http(
     }
 
 
+def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
+    """Seconds per decoding step of the engine's batch (RaggedBatch, one thread) with 1 and 8 rows:
+    the diagnosis prompts prefilled, then 40 greedy steps each (median)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.serve.engines.kv_batch import RaggedBatch, prefill_inputs
+
+    class Row:
+        finished = False
+
+        def __init__(self, ids: list[int]) -> None:
+            self.prompt_ids = ids
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    texts = [
+        tok.apply_chat_template(TASK.messages(r), tokenize=False, add_generation_prompt=True)
+        for r in records[:8]
+    ]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = {}
+    with torch.inference_mode():
+        for rows in (1, 8):
+            batch = RaggedBatch()
+            for ids in prompts[:rows]:
+                ids_t, mask, pos, cache = prefill_inputs([Row(ids)], 0, lm.config)
+                logits = lm(input_ids=ids_t, attention_mask=mask, position_ids=pos, cache=cache).logits
+                batch.add(cache, mask, [Row(ids)], logits[:, -1].argmax(-1))
+            times = []
+            for _ in range(40):
+                t0 = time.perf_counter()
+                ids_t, mask, pos = batch.decode_inputs()
+                logits = lm(input_ids=ids_t, attention_mask=mask, position_ids=pos, cache=batch.cache).logits
+                batch.advance(logits[:, -1].argmax(-1))
+                times.append(time.perf_counter() - t0)
+            out[f"step{rows}"] = statistics.median(times)
+    return out
+
+
 def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
     """Seconds per token, constrained vs unconstrained, same prompts and same number of tokens."""
     import torch
@@ -202,7 +243,9 @@ def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
 def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str) -> str:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     # Ratios within a round (same machine load), then their median.
-    ratio = statistics.median(r["rps8"] / r["rps1"] for r in rounds)
+    ratios = sorted(r["rps8"] / r["rps1"] for r in rounds)
+    ratio = statistics.median(ratios)
+    step = statistics.median(r["step8"] / r["step1"] for r in rounds)
     over = statistics.median(r["constrained"] / r["free"] - 1 for r in rounds)
     hf_over = statistics.median(r["hf_constrained"] / r["hf_free"] - 1 for r in rounds)
     share = statistics.median(r["prompt_p50"] / r["p50"] for r in rounds)
@@ -219,20 +262,26 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
         f"| sequential latency P50 | {med['p50']:.3f} s | < 0.3 s | {ok(med['p50'] < 0.3)} |",
         f"| sequential latency P99 | {med['p99']:.3f} s | < 0.6 s | {ok(med['p99'] < 0.6)} |",
         f"| sequential throughput | {med['rps1']:.2f} req/s | | |",
-        f"| 8 concurrent clients throughput | {med['rps8']:.2f} req/s ({ratio:.1f}x sequential) | >= 3x | {ok(ratio >= 3)} |",
+        f"| 8 concurrent clients throughput | {med['rps8']:.2f} req/s ({ratio:.1f}x sequential; rounds "
+        f"{ratios[0]:.1f}-{ratios[-1]:.1f}x) | >= 3x | {ok(ratio >= 3)} |",
         f"| constrained vs free decoding, per token | {1000 * med['constrained']:.2f} vs {1000 * med['free']:.2f} ms "
         f"({100 * over:+.1f}%) | <= +10% | {ok(over <= 0.10)} |",
         f"| same with `generate()` + xgrammar's HF logits processor (reference) | "
         f"{1000 * med['hf_constrained']:.2f} vs {1000 * med['hf_free']:.2f} ms ({100 * hf_over:+.1f}%) | | |",
         f"| prompt processing alone (the same call with max_tokens 1), P50 | {med['prompt_p50']:.3f} s "
         f"({100 * share:.0f}% of a diagnosis) | | |",
+        f"| one decoding step of the engine's batch (one thread), 1 row vs 8 rows | {1000 * med['step1']:.2f} vs "
+        f"{1000 * med['step8']:.2f} ms ({step:.1f}x) | | |",
         "",
-        "Batching shares a decoding step's fixed costs among the rows it decodes, not its arithmetic, which",
-        "for this model on one core grows with the rows (a step for 8 rows measured 2.2x a step for one).",
-        "Prompt processing is per request: prefix caching skips the start a prompt shares with the previous",
-        "one (the system prompt), the rest is computed for each request. The server's event loop and the",
-        "benchmark's client share the two cores with the decoding thread. The engine decodes on one CPU",
-        "thread for small models: two threads were ~10x slower with other processes on the cores.",
+        "The engine decodes all running requests together, one token per row per forward pass, each row's",
+        "keys and values in its own slot of preallocated buffers (continuous batching: requests join and",
+        "leave between two steps); on two cores, new prompts are prefilled on a second thread while the batch",
+        "decodes. Batching shares a step's fixed costs among its rows, not the per-row work, which for this",
+        "model on one core is large: each row's attention reads its own ~170 cached tokens from memory, and",
+        f"the matrix products grow with the rows (a step for 8 rows costs {step:.1f}x a step for one, above). What",
+        "does not batch: each request's prompt (prefix caching skips the shared system prompt; the rest is",
+        "computed per request, on the second core), and the client, the event loop and the prefill thread",
+        "share the second core and Python's GIL with the decoding thread.",
     ])  # fmt: skip
 
 
@@ -268,8 +317,9 @@ def main() -> int:
             par = asyncio.run(measure_http(url, records, clients=8))
             prompt_only = asyncio.run(measure_http(url, records[:30], clients=1, max_tokens=1))
         over = measure_overhead(model, records[: args.overhead_prompts])
+        steps = measure_steps(model, records)
         rounds.append({"p50": seq["p50"], "p99": seq["p99"], "rps1": seq["rps"], "rps8": par["rps"],
-                       "tokens": seq["tokens"], "prompt_p50": prompt_only["p50"], **over})  # fmt: skip
+                       "tokens": seq["tokens"], "prompt_p50": prompt_only["p50"], **over, **steps})  # fmt: skip
         print(f"round {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in rounds[-1].items()), flush=True)
     source = f"--model {args.model}" if args.model else f"--run {args.run}"
     command = f"python bench/serve_bench.py {source} --requests {args.requests} --repeats {args.repeats}"
