@@ -108,11 +108,12 @@ def test_buffers_grow_when_a_row_outgrows_them(model):
     cache, mask, first = _prefill(model, rows)
     batch = RaggedBatch()
     batch.add(cache, mask, rows, first)
-    room = batch.cache.layers[0].buffers[0].shape[2]
+    capacity, room = batch.cache.layers[0].buffers[0].shape[0], batch.cache.layers[0].buffers[0].shape[2]
     reference = _alone(model, rows[1].prompt_ids, room + 3)
     for _ in range(room + 3):  # past the first buffers' columns: they are replaced once
         logits = _step(model, batch)
     assert batch.cache.layers[0].buffers[0].shape[2] > room
+    assert batch.cache.layers[0].buffers[0].shape[0] == capacity  # only the columns grew
     assert torch.allclose(logits[1], reference[-1], atol=1e-4)
 
 

@@ -153,8 +153,9 @@ class RaggedBatch:
         have = self.cache.layers[0].buffers[0].shape if self.cache is not None else None
         if have is not None and have[0] >= rows and have[2] >= columns:
             return
-        rows = max(rows, 2 * have[0] if have else 4)
-        columns = columns + max(64, columns // 2)
+        # Grow what is short (rows double, columns get half again or 64 spare), keep the rest.
+        rows = have[0] if have and rows <= have[0] else max(rows, 2 * have[0] if have else 4)
+        columns = have[2] if have and columns <= have[2] else columns + max(64, columns // 2)
         layers = []
         for i, pair in enumerate(like):
             fresh = [t.new_zeros((rows, t.shape[1], columns, t.shape[3])) for t in pair]
