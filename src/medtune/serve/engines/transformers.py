@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -57,6 +57,15 @@ MIN_PREFIX = 16  # shorter shared prefixes are recomputed: copying their cache w
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class Prefilled(NamedTuple):
+    """Rows prefilled together, to join the running batch: their cache, mask and next input tokens."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    seqs: list[Sequence]
+    tokens: torch.Tensor
+
+
 def _cores() -> int:
     """CPU cores this process may run on."""
     try:
@@ -80,8 +89,7 @@ class TransformersEngine(QueuedEngine):
         self._thread: threading.Thread | None = None
         self._batch: RaggedBatch | FixedBatch = FixedBatch()  # the rows decoding now (set at start)
         self._prefilling = 0  # rows admitted and being prefilled (counted as running)
-        self._ready: list[tuple[DynamicCache, torch.Tensor, list[Sequence], torch.Tensor]] = []  # prefilled,
-        # waiting for the decoding thread to join them to the batch: (cache, mask, rows, next tokens)
+        self._ready: list[Prefilled] = []  # waiting for the decoding thread to join them to the batch
         self._prefill_thread: threading.Thread | None = None
         self._prefill_lock = threading.Lock()  # held while the prefill thread runs the model
         self._forward_lock = threading.Lock()  # PEFT's per-row adapter hooks: one forward at a time
@@ -189,7 +197,7 @@ class TransformersEngine(QueuedEngine):
         for thread in (self._thread, self._prefill_thread):
             if thread is not None:
                 thread.join(timeout=30)
-        left = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r[2]]
+        left = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r.seqs]
         deliver_all([(s, ShuttingDown("the server stopped before this request finished")) for s in left])
         self._waiting.clear()
         self._batch.clear()
@@ -228,7 +236,7 @@ class TransformersEngine(QueuedEngine):
 
     def unload_adapter(self, name: str) -> None:
         with self._model_lock, self._prefill_lock:
-            queued = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r[2]]
+            queued = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r.seqs]
             busy = [s for s in queued if s.req.adapter == name and not s.finished]
             if busy:
                 raise Conflict(
@@ -241,7 +249,7 @@ class TransformersEngine(QueuedEngine):
 
     @property
     def running(self) -> int:
-        return len(self._batch) + self._prefilling + sum(len(r[2]) for r in self._ready)
+        return len(self._batch) + self._prefilling + sum(len(r.seqs) for r in self._ready)
 
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         if not self.loaded or self._stopping:
@@ -294,7 +302,7 @@ class TransformersEngine(QueuedEngine):
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
                     log.exception("decoding step failed")
                     with self._cond:  # rows that were to join the batch fail with it
-                        joining = [s for r in self._ready for s in r[2]]
+                        joining = [s for r in self._ready for s in r.seqs]
                         self._ready.clear()
                     self._fail(self._batch.rows + admit + joining, exc)
                     self._batch.clear()
@@ -335,7 +343,7 @@ class TransformersEngine(QueuedEngine):
 
     def _room(self) -> int:
         """Batch rows free for waiting requests (caller holds the condition). Models whose cache rows
-        cannot be merged (`RunningBatch.can_merge`) start new requests only when the batch is empty."""
+        cannot be joined (`FixedBatch`) start new requests only when the batch is empty."""
         if not self._batch.can_merge():
             return 0
         return self.options.max_batch_size - self.running
@@ -354,8 +362,7 @@ class TransformersEngine(QueuedEngine):
         """Prefilled rows join the running batch (under the condition: they are counted once)."""
         with self._cond:
             while self._ready:
-                cache, mask, seqs, tokens = self._ready[0]
-                self._batch.add(cache, mask, seqs, tokens)
+                self._batch.add(*self._ready[0])
                 self._ready.pop(0)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
@@ -401,7 +408,7 @@ class TransformersEngine(QueuedEngine):
         if keep:
             cache.batch_select_indices(torch.tensor(keep, device=self.device))
             with self._cond:
-                self._ready.append((cache, mask[keep], [seqs[i] for i in keep], tokens[keep]))
+                self._ready.append(Prefilled(cache, mask[keep], [seqs[i] for i in keep], tokens[keep]))
                 self._cond.notify_all()
 
     def _decode(self) -> int:
