@@ -6,6 +6,8 @@
 - `tiny_model_factory(name, **config)`: builds another tiny model (other sizes, seeds or texts).
 - `tiny_sft_model_dir`: the tiny model after a short full SFT on aria-like records (its output layer is
   trained, unlike a random init's, so small updates such as LoRA visibly move its predictions).
+- `tiny_sliding_window_model_dir`: the tiny model's weights as a Mistral with an 8-token sliding
+  window (caches with sliding-window layers, as Gemma's and Mistral's).
 - `tiny_chat_records(n, seed)` / `tiny_preference_records(n, seed)`: aria-like canonical records.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ __all__ = [
     "tiny_model_factory",
     "tiny_preference_records",
     "tiny_sft_model_dir",
+    "tiny_sliding_window_model_dir",
 ]
 
 SYSTEM = "Tu es ARIA, assistant d'analyse biomécanique de la course. Réponds en JSON."
@@ -143,3 +147,14 @@ def tiny_sft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     return train_sft(
         tiny_model_dir, tiny_chat_records(32), None, stage, ModelConfig(), out, seed=0
     ).output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sliding_window_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a MistralForCausalLM (same weight names) with sliding_window=8. Read-only."""
+    out = tmp_path_factory.mktemp("tiny_sliding") / "mistral"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8)
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 
 import pytest
 
@@ -100,14 +99,9 @@ def test_prefills_overlap_decoding_or_not_with_the_same_output(engine, tiny_mode
     assert overlapped == [engine.generate_batch([r])[0].token_ids for r in reqs]
 
 
-def test_a_sliding_window_model_is_batched_dynamically(tiny_model_dir, tmp_path):
+def test_a_sliding_window_model_is_batched_dynamically(tiny_sliding_window_model_dir):
     """Sliding-window caches cannot take rows mid-way: a batch runs to its end, then the next one starts."""
-    mistral = tmp_path / "mistral"
-    shutil.copytree(tiny_model_dir, mistral)
-    config = json.loads((mistral / "config.json").read_text())
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8)
-    (mistral / "config.json").write_text(json.dumps(config))
-    eng = create_engine("transformers", str(mistral), options=EngineOptions(threads=1))
+    eng = create_engine("transformers", str(tiny_sliding_window_model_dir), options=EngineOptions(threads=1))
     eng.start()
     try:
         assert eng._prefill_thread is None and not eng._prefix_ok

@@ -3,9 +3,6 @@ copy only the rows that move."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -117,13 +114,8 @@ def test_buffers_grow_when_a_row_outgrows_them(model):
     assert torch.allclose(logits[1], reference[-1], atol=1e-4)
 
 
-def test_models_with_sliding_window_layers_use_fixed_batches(tiny_model_dir, tmp_path):
-    mistral = tmp_path / "mistral"
-    shutil.copytree(tiny_model_dir, mistral)
-    config = json.loads((mistral / "config.json").read_text())
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8)
-    (mistral / "config.json").write_text(json.dumps(config))
-    model = AutoModelForCausalLM.from_pretrained(mistral).eval()
+def test_models_with_sliding_window_layers_use_fixed_batches(tiny_sliding_window_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_sliding_window_model_dir).eval()
     assert not plain_layers(new_cache(model.config))
     rows = [Row(p) for p in _prompts(model, [12, 12])]
     batch = FixedBatch()
