@@ -99,6 +99,17 @@ def test_prefills_overlap_decoding_or_not_with_the_same_output(engine, tiny_mode
     assert overlapped == [engine.generate_batch([r])[0].token_ids for r in reqs]
 
 
+def test_no_prefill_thread_when_the_model_already_uses_every_core(tiny_model_dir):
+    cores = len(os.sched_getaffinity(0))
+    eng = create_engine("transformers", str(tiny_model_dir), options=EngineOptions(threads=cores))
+    eng.start()
+    try:
+        assert eng._prefill_thread is None  # two threads of `cores` threads each would oversubscribe
+        assert eng.generate_batch([_req(PROMPTS[0], max_tokens=4)])[0].completion_tokens == 4
+    finally:
+        eng.close()
+
+
 def test_a_sliding_window_model_is_batched_dynamically(tiny_sliding_window_model_dir):
     """Sliding-window caches cannot take rows mid-way: a batch runs to its end, then the next one starts."""
     eng = create_engine("transformers", str(tiny_sliding_window_model_dir), options=EngineOptions(threads=1))

@@ -236,8 +236,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="prefill every prompt in full (default: reuse the start shared with the last one)")  # fmt: skip
     p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false", default=None,
-                   help="prefill new requests between decoding steps on the decoding thread (default on CPU "
-                        "with 2+ cores: on a second thread, while the running requests decode)")  # fmt: skip
+                   help="prefill new requests between decoding steps on the decoding thread (default on CPU, "
+                        "when the cores allow two model threads: on a second thread, while the batch decodes)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")

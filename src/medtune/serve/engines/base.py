@@ -60,7 +60,7 @@ class EngineOptions:
     threads: int | None = None  # CPU threads for the model (None: library default)
     log_prompts: bool = False  # log prompts and completions (medical data: off by default)
     prefix_caching: bool = True  # reuse the cache of a prompt's start shared with the previous prompt
-    overlap_prefill: bool = True  # CPU, 2+ cores: prefill new requests on a second thread while decoding
+    overlap_prefill: bool = True  # CPU: prefill on a second thread while decoding (when cores allow two)
 
 
 @dataclass

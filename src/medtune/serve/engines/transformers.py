@@ -7,9 +7,10 @@
 A decoding thread decodes every running request together, one token per step, over one shared KV
 cache (`kv_batch.RaggedBatch`). New requests join between steps: they are prefilled together (left
 padding, attention mask, position ids counted from each row's first real token) and their cache rows
-are copied in; finished rows leave. On a CPU with two cores or more, prefills run on a second thread
-while the running requests keep decoding (`overlap_prefill`), so that a new prompt does not stall
-everyone's next token; otherwise the decoding thread prefills between two steps. Every row keeps its
+are copied in; finished rows leave. On a CPU with cores for two model threads (a small model decodes
+on one thread: two cores), prefills run on a second thread while the running requests keep decoding
+(`overlap_prefill`), so that a new prompt does not stall everyone's next token; otherwise the decoding
+thread prefills between two steps. Every row keeps its
 own sampling settings, stop strings, seed, xgrammar matcher and LoRA adapter (PEFT mixed-batch
 forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
 waits on a per-request queue; the bounded waiting queue turns overload into `QueueFull` (HTTP 429).
@@ -152,7 +153,9 @@ class TransformersEngine(QueuedEngine):
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
-        if opts.overlap_prefill and plain and device == "cpu" and _cores() >= 2:
+        # Overlap when the two threads can each have their own cores (small models decode on one thread).
+        threads = self._threads or torch.get_num_threads()
+        if opts.overlap_prefill and plain and device == "cpu" and 2 * threads <= _cores():
             self._prefill_thread = threading.Thread(
                 target=self._run_prefill, name="medtune-prefill", daemon=True
             )
@@ -310,7 +313,7 @@ class TransformersEngine(QueuedEngine):
                         self._prefilling = 0
 
     def _run_prefill(self) -> None:
-        """The prefill thread (CPU, two cores or more): prefills waiting requests while the decoding
+        """The prefill thread (CPU, cores for two model threads): prefills waiting requests while the decoding
         thread decodes the running ones, so that a new request's prompt does not stall everyone's next
         token. Both threads run the model on one core each (torch releases the GIL inside its ops)."""
         if self._threads:
