@@ -64,7 +64,8 @@ def test_rows_joining_and_leaving_decode_as_they_would_alone(model):
     reference = {id(r): _alone(model, r.prompt_ids, 12) for r in rows}
     seen: dict[int, list[torch.Tensor]] = {id(r): [] for r in rows}
     batch = RaggedBatch()
-    batch.add(*_prefill(model, rows[:2])[:2], rows[:2], _prefill(model, rows[:2])[2])  # left-padded pair
+    cache, mask, first = _prefill(model, rows[:2])  # a left-padded pair
+    batch.add(cache, mask, rows[:2], first)
     for step in range(12):
         if step == 3:  # two more join, prefilled together (different lengths: padding between them)
             cache, mask, first = _prefill(model, rows[2:])
@@ -119,10 +120,11 @@ def test_models_with_sliding_window_layers_use_fixed_batches(tiny_sliding_window
     assert not plain_layers(new_cache(model.config))
     rows = [Row(p) for p in _prompts(model, [12, 12])]
     batch = FixedBatch()
-    batch.add(*_prefill(model, rows)[:2], rows, _prefill(model, rows)[2])
+    cache, mask, first = _prefill(model, rows)
+    batch.add(cache, mask, rows, first)
     assert not batch.can_merge()  # new rows wait for the next batch
     with pytest.raises(RuntimeError):
-        batch.add(*_prefill(model, rows)[:2], rows, _prefill(model, rows)[2])
+        batch.add(cache, mask, rows, first)
     reference = _alone(model, rows[0].prompt_ids, 10)
     for i in range(10):
         ids, mask, pos = batch.decode_inputs()

@@ -156,13 +156,13 @@ class RaggedBatch:
         # Grow what is short (rows double, columns get half again or 64 spare), keep the rest.
         rows = have[0] if have and rows <= have[0] else max(rows, 2 * have[0] if have else 4)
         columns = have[2] if have and columns <= have[2] else columns + max(64, columns // 2)
+        n, width = len(self.rows), int(self.lengths.max()) if self.rows else 0
         layers = []
         for i, pair in enumerate(like):
             fresh = [t.new_zeros((rows, t.shape[1], columns, t.shape[3])) for t in pair]
-            if self.cache is not None and self.rows:
-                width = int(self.lengths.max())
+            if n:
                 for new, old in zip(fresh, self.cache.layers[i].buffers, strict=True):
-                    new[: len(self.rows), :, :width] = old[: len(self.rows), :, :width]
+                    new[:n, :, :width] = old[:n, :, :width]
             layers.append(RaggedLayer(*fresh))
         self.cache = DynamicCache()
         self.cache.layers = layers
@@ -202,16 +202,14 @@ class RaggedBatch:
         """Remove finished or cancelled rows: the last running rows move into the freed slots (one row
         copied per finished one, the other rows untouched). Return how many rows were removed."""
         n = len(self.rows)
-        keep = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(keep) == n:
+        left = sum(not s.finished for s in self.rows)
+        if left == n:
             return 0
-        left = len(keep)
         holes = [i for i in range(left) if self.rows[i].finished]
         movers = [i for i in range(left, n) if not self.rows[i].finished]
         order = list(range(left))
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
-        for hole, mover in zip(holes, movers, strict=True):
             width = int(self.lengths[mover])
             for layer in self.cache.layers:
                 for buf in layer.buffers:

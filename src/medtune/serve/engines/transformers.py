@@ -146,7 +146,6 @@ class TransformersEngine(QueuedEngine):
         stops = sorted(self.eos_ids | self.turn_end_ids)
         self.guide = Guide(self.tokenizer, vocab_size=self.vocab, stop_token_ids=stops)
         self._bitmask = self.guide.allocate(opts.max_batch_size)
-        self._prefill_bitmask = self.guide.allocate(opts.max_batch_size)
         plain = plain_layers(new_cache(model.config))
         self._prefix_ok = opts.prefix_caching and plain
         self._batch = RaggedBatch() if plain else FixedBatch()
@@ -156,6 +155,7 @@ class TransformersEngine(QueuedEngine):
         # Overlap when the two threads can each have their own cores (small models decode on one thread).
         threads = self._threads or torch.get_num_threads()
         if opts.overlap_prefill and plain and device == "cpu" and 2 * threads <= _cores():
+            self._prefill_bitmask = self.guide.allocate(opts.max_batch_size)  # its own: both threads sample
             self._prefill_thread = threading.Thread(
                 target=self._run_prefill, name="medtune-prefill", daemon=True
             )
@@ -200,7 +200,7 @@ class TransformersEngine(QueuedEngine):
         for thread in (self._thread, self._prefill_thread):
             if thread is not None:
                 thread.join(timeout=30)
-        left = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r.seqs]
+        left = list(self._waiting) + self._batch.rows + self._joining()
         deliver_all([(s, ShuttingDown("the server stopped before this request finished")) for s in left])
         self._waiting.clear()
         self._batch.clear()
@@ -239,7 +239,7 @@ class TransformersEngine(QueuedEngine):
 
     def unload_adapter(self, name: str) -> None:
         with self._model_lock, self._prefill_lock:
-            queued = list(self._waiting) + self._batch.rows + [s for r in self._ready for s in r.seqs]
+            queued = list(self._waiting) + self._batch.rows + self._joining()
             busy = [s for s in queued if s.req.adapter == name and not s.finished]
             if busy:
                 raise Conflict(
@@ -252,7 +252,11 @@ class TransformersEngine(QueuedEngine):
 
     @property
     def running(self) -> int:
-        return len(self._batch) + self._prefilling + sum(len(r.seqs) for r in self._ready)
+        return len(self._batch) + self._prefilling + len(self._joining())
+
+    def _joining(self) -> list[Sequence]:
+        """Rows prefilled and waiting to join the batch."""
+        return [s for r in self._ready for s in r.seqs]
 
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         if not self.loaded or self._stopping:
@@ -305,7 +309,7 @@ class TransformersEngine(QueuedEngine):
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving the next ones
                     log.exception("decoding step failed")
                     with self._cond:  # rows that were to join the batch fail with it
-                        joining = [s for r in self._ready for s in r.seqs]
+                        joining = self._joining()
                         self._ready.clear()
                     self._fail(self._batch.rows + admit + joining, exc)
                     self._batch.clear()
