@@ -58,12 +58,14 @@ def _step(model, batch: RaggedBatch) -> torch.Tensor:
     return logits
 
 
-def test_rows_joining_and_leaving_decode_as_they_would_alone(model):
+@pytest.mark.parametrize("mask_4d", [False, True], ids=["2-D mask", "4-D SDPA mask"])
+def test_rows_joining_and_leaving_decode_as_they_would_alone(model, mask_4d):
+    assert model.config._attn_implementation == "sdpa"
     prompts = _prompts(model, [7, 19, 12, 30])
     rows = [Row(p) for p in prompts]
     reference = {id(r): _alone(model, r.prompt_ids, 12) for r in rows}
     seen: dict[int, list[torch.Tensor]] = {id(r): [] for r in rows}
-    batch = RaggedBatch()
+    batch = RaggedBatch(mask_4d=mask_4d)
     cache, mask, first = _prefill(model, rows[:2])  # a left-padded pair
     batch.add(cache, mask, rows[:2], first)
     for step in range(12):
@@ -91,11 +93,14 @@ def test_a_departure_copies_one_row_and_the_buffers_stay(model):
     batch.add(cache, mask, rows, first)
     _step(model, batch)
     keys = batch.cache.layers[0].buffers[0]
-    last_row = keys[3, :, :10].clone()
+    last_row = [[t[3, :, :10].clone() for t in layer.buffers] for layer in batch.cache.layers]
     rows[1].finished = True
     assert batch.drop_finished() == 1
     assert batch.cache.layers[0].buffers[0].data_ptr() == keys.data_ptr()  # no reallocation
-    assert torch.equal(keys[1, :, :10], last_row)  # the last row moved into the free slot
+    for layer, before in zip(batch.cache.layers, last_row, strict=True):  # the last row moved into the
+        for t, want in zip(layer.buffers, before, strict=True):  # free slot, in every layer
+            assert torch.equal(t[1, :, :10], want)
+    assert len(batch.stores) == 1  # one store for the model's identical layers: one copy per move
     assert batch.lengths.tolist() == [10, 10, 10]
     rows[0].finished = rows[2].finished = rows[3].finished = True
     assert batch.drop_finished() == 3 and len(batch) == 0
