@@ -102,6 +102,7 @@ class Guide:
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
+        self._batchers = threading.local()  # a BatchGrammarMatcher per thread (decoding, prefill)
 
     def is_cached(self, constraint: Constraint) -> bool:
         with self._lock:
@@ -171,11 +172,17 @@ class Guide:
         self.fill_rows(bitmask, [(row, matcher)])
 
     def fill_rows(self, bitmask: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
-        """`fill` for several rows of one batch (the special-token mask applied once for all)."""
-        for row, matcher in matchers:
-            matcher.fill_next_token_bitmask(bitmask, row)
-        if self._has_forbidden and matchers:
-            bitmask[: max(row for row, _ in matchers) + 1] &= self._keep
+        """`fill` for several rows of one batch, in one call into xgrammar (on the calling thread), and
+        the special-token mask applied once for all."""
+        if not matchers:
+            return
+        batcher = getattr(self._batchers, "matcher", None)
+        if batcher is None:
+            batcher = self._batchers.matcher = xgr.BatchGrammarMatcher(max_threads=1)
+        rows = [row for row, _ in matchers]
+        batcher.batch_fill_next_token_bitmask([m for _, m in matchers], bitmask, indices=rows)
+        if self._has_forbidden:
+            bitmask[: max(rows) + 1] &= self._keep
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""

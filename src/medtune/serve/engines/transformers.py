@@ -376,17 +376,21 @@ class TransformersEngine(QueuedEngine):
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
                  seqs: list[Sequence]) -> torch.Tensor:  # fmt: skip
         """Last-position logits (float32, CPU) for every row, each through its own adapter."""
+        on = self.device
         with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
             out = self.adapters.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=pos.to(self.device),
+                input_ids=ids if ids.device == on else ids.to(on),
+                attention_mask=mask if mask.device == on else mask.to(on),
+                position_ids=pos if pos.device == on else pos.to(on),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
             )
-        return out.logits[:, -1, :].float().cpu()
+        logits = out.logits[:, -1, :]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        return logits if logits.device.type == "cpu" else logits.cpu()
 
     def _prefill(self, seqs: list[Sequence], bitmask: torch.Tensor) -> None:
         gone = [s for s in seqs if s.req.adapter is not None and s.req.adapter not in self.adapters.paths]
