@@ -100,7 +100,7 @@ def test_a_departure_copies_one_row_and_the_buffers_stay(model):
     for layer, before in zip(batch.cache.layers, last_row, strict=True):  # the last row moved into the
         for t, want in zip(layer.buffers, before, strict=True):  # free slot, in every layer
             assert torch.equal(t[1, :, :10], want)
-    assert len(batch.stores) == 1  # one store for the model's identical layers: one copy per move
+    assert len(batch.stores) == 1  # keys and values of identical layers: one store, one copy per move
     assert batch.lengths.tolist() == [10, 10, 10]
     rows[0].finished = rows[2].finished = rows[3].finished = True
     assert batch.drop_finished() == 3 and len(batch) == 0
@@ -143,3 +143,22 @@ def test_models_with_sliding_window_layers_use_fixed_batches(tiny_sliding_window
     assert batch.drop_finished() == 1 and len(batch) == 1
     rows[0].finished = True
     assert batch.drop_finished() == 1 and batch.can_merge()
+
+
+def test_keys_and_values_of_different_shapes_get_their_own_stores():
+    """Layers whose values are narrower than their keys (as in MLA attention) still decode ragged."""
+    batch = RaggedBatch()
+    like = [(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 4)) for _ in range(3)]
+    batch._reserve(2, 5, like)
+    assert len(batch.stores) == 2
+    for layer in batch.cache.layers:
+        assert layer.buffers[0].shape[-1] == 8 and layer.buffers[1].shape[-1] == 4
+    batch.rows, batch.lengths, batch.next = (
+        [Row([1, 2]), Row([3])],
+        torch.tensor([2, 1]),
+        torch.tensor([5, 6]),
+    )
+    batch.cache.layers[1].buffers[1][1, :, :1] = 7.0
+    batch.rows[0].finished = True
+    assert batch.drop_finished() == 1  # row 1 moves into slot 0, values included
+    assert torch.equal(batch.cache.layers[1].buffers[1][0, :, :1], torch.full((2, 1, 4), 7.0))

@@ -153,8 +153,8 @@ class RaggedBatch:
         """Buffers with room for `rows` x `columns` (grown by copying the rows in use when too small);
         `like` gives each layer's keys and values [batch, heads, tokens, dim] (shapes, dtype, device).
 
-        The layers' buffers are views of a few stores [layers, 2, rows, heads, columns, dim], one per
-        kind of layer (heads, dim, dtype, device): moving a row is one copy per store, not one per
+        The layers' buffers are views of a few stores [tensors, rows, heads, columns, dim], one per
+        shape of tensor (heads, dim, dtype, device): moving a row is one copy per store, not one per
         layer and tensor (each torch call is a GIL hand-off for the threads around the decoder)."""
         have = self.cache.layers[0].buffers[0].shape if self.cache is not None else None
         if have is not None and have[0] >= rows and have[2] >= columns:
@@ -163,22 +163,21 @@ class RaggedBatch:
         rows = have[0] if have and rows <= have[0] else max(rows, 2 * have[0] if have else 4)
         columns = have[2] if have and columns <= have[2] else columns + max(64, columns // 2)
         n, width = len(self.rows), int(self.lengths.max()) if self.rows else 0
-        kinds: dict[tuple, list[int]] = {}
-        for i, (k, v) in enumerate(like):
-            if k.shape[1:] != v.shape[1:]:
-                raise ValueError(f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ")
-            kinds.setdefault((k.shape[1], k.shape[3], k.dtype, k.device), []).append(i)
-        stores, layers = [], [None] * len(like)
+        # One store per shape of tensor (keys and values of every layer, for a uniform model).
+        kinds: dict[tuple, list[tuple[int, int]]] = {}
+        for i, pair in enumerate(like):
+            for j, t in enumerate(pair):
+                kinds.setdefault((t.shape[1], t.shape[3], t.dtype, t.device), []).append((i, j))
+        buffers: list[list[Any]] = [[None, None] for _ in like]
+        self.stores = []
         for (heads, dim, dtype, device), members in kinds.items():
-            store = torch.zeros((len(members), 2, rows, heads, columns, dim), dtype=dtype, device=device)
-            for j, i in enumerate(members):
-                layers[i] = RaggedLayer(store[j, 0], store[j, 1])
-                for new, old in zip(
-                    layers[i].buffers, self.cache.layers[i].buffers if n else (), strict=False
-                ):
-                    new[:n, :, :width] = old[:n, :, :width]
-            stores.append(store)
-        self.stores = stores
+            store = torch.zeros((len(members), rows, heads, columns, dim), dtype=dtype, device=device)
+            for m, (i, j) in enumerate(members):
+                if n:
+                    store[m, :n, :, :width] = self.cache.layers[i].buffers[j][:n, :, :width]
+                buffers[i][j] = store[m]
+            self.stores.append(store)
+        layers = [RaggedLayer(*pair) for pair in buffers]
         self.cache = DynamicCache()
         self.cache.layers = layers
 
@@ -232,7 +231,7 @@ class RaggedBatch:
             order[hole] = mover
             width = int(self.lengths[mover])
             for store in self.stores:
-                store[:, :, hole, :, :width].copy_(store[:, :, mover, :, :width])
+                store[:, hole, :, :width].copy_(store[:, mover, :, :width])
         self.rows = [self.rows[i] for i in order]
         self.lengths, self.next = self.lengths[order], self.next[order]
         return n - left
