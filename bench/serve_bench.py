@@ -160,7 +160,7 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
     out = {}
     with torch.inference_mode():
         for rows in (1, 8):
-            batch = RaggedBatch()
+            batch = RaggedBatch.for_model(lm.config)  # as the engine builds it
             for ids in prompts[:rows]:
                 ids_t, mask, pos, cache = prefill_inputs([Row(ids)], 0, lm.config)
                 logits = lm(input_ids=ids_t, attention_mask=mask, position_ids=pos, cache=cache).logits

@@ -2,7 +2,7 @@
 
     ids, mask, pos, cache = prefill_inputs(new_seqs, pad_id, config)   # left-padded prompts
     ... forward, sample first tokens ...
-    batch = RaggedBatch()
+    batch = RaggedBatch.for_model(config)
     batch.add(cache, mask, new_seqs, first_tokens)     # join the running rows (continuous batching)
     ids, mask, pos = batch.decode_inputs()             # one token per row
     logits = model(ids, attention_mask=mask, position_ids=pos, cache=batch.cache, ...)
@@ -138,6 +138,11 @@ class RaggedBatch:
         self.stores: list[torch.Tensor] = []  # what the layers' buffers are views of (`_reserve`)
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per row
         self.next = torch.zeros(0, dtype=torch.long)  # each row's next input token
+
+    @classmethod
+    def for_model(cls, config: Any) -> RaggedBatch:
+        """The batch the engine decodes `config`'s model with (a ready 4-D mask under SDPA attention)."""
+        return cls(mask_4d=getattr(config, "_attn_implementation", None) == "sdpa")
 
     def __len__(self) -> int:
         return len(self.rows)

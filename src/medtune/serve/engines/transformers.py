@@ -148,8 +148,7 @@ class TransformersEngine(QueuedEngine):
         self._bitmask = self.guide.allocate(opts.max_batch_size)
         plain = plain_layers(new_cache(model.config))
         self._prefix_ok = opts.prefix_caching and plain
-        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-        self._batch = RaggedBatch(mask_4d=sdpa) if plain else FixedBatch()
+        self._batch = RaggedBatch.for_model(model.config) if plain else FixedBatch()
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
