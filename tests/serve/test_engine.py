@@ -99,6 +99,23 @@ def test_prefills_overlap_decoding_or_not_with_the_same_output(engine, tiny_mode
     assert overlapped == [engine.generate_batch([r])[0].token_ids for r in reqs]
 
 
+def test_traced_and_eager_forward_passes_give_the_same_output(engine, tiny_model_dir):
+    """The engine runs the tiny model through traced graphs (graphs.py); `enforce_eager` turns them
+    off. Same tokens either way, for requests sharing a prompt start and joining a running batch."""
+    assert engine._graphs is not None
+    system = "Tu es ARIA, assistant de diagnostic biomécanique de la course. Réponds en JSON.\n"
+    reqs = [_req(system + p, max_tokens=30 - 3 * i) for i, p in enumerate(PROMPTS)]
+    traced = _staggered(engine, reqs)
+    eager = create_engine("transformers", str(tiny_model_dir),
+                          options=EngineOptions(threads=1, enforce_eager=True))  # fmt: skip
+    eager.start()
+    try:
+        assert eager._graphs is None
+        assert _staggered(eager, reqs) == traced
+    finally:
+        eager.close()
+
+
 def test_no_prefill_thread_when_the_model_already_uses_every_core(tiny_model_dir):
     cores = len(os.sched_getaffinity(0))
     eng = create_engine("transformers", str(tiny_model_dir), options=EngineOptions(threads=cores))
@@ -306,5 +323,28 @@ def test_an_adapter_replaced_under_its_name_does_not_reuse_the_old_prefix(served
         assert engine.reused_prompt_tokens == before  # computed in full with the new weights
         assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
         assert engine.reused_prompt_tokens > before  # and reused from then on
+    finally:
+        engine.close()
+
+
+def test_base_requests_give_the_same_output_with_and_after_adapters(served_model_dir, lora_adapters):
+    """The traced graphs are the base model's: used again once the last adapter is unloaded (while
+    adapters are loaded, rows go through PEFT eagerly), with the same output as the plain engine."""
+    question = [{"role": "user", "content": "Bonjour"}]
+    req = GenerationRequest(messages=question, sampling=SamplingParams(temperature=0.0, max_tokens=12))
+    plain = create_engine("transformers", str(served_model_dir), options=EngineOptions(threads=1))
+    plain.start()
+    try:
+        want = plain.generate_batch([req])[0].token_ids
+    finally:
+        plain.close()
+    engine = create_engine("transformers", str(served_model_dir), adapters={"spec": str(lora_adapters["derm"])},
+                           options=EngineOptions(threads=1))  # fmt: skip
+    engine.start()
+    try:
+        assert engine._graphs is not None
+        assert engine.generate_batch([req])[0].token_ids == want  # base rows, eager beside the adapter
+        engine.unload_adapter("spec")
+        assert engine.generate_batch([req])[0].token_ids == want  # through the graphs again
     finally:
         engine.close()

@@ -46,6 +46,7 @@ class ServeSettings(Settings):
     threads: int | None = None
     prefix_caching: bool = True
     overlap_prefill: bool = True
+    enforce_eager: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = None
 
@@ -157,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
         max_model_len=opt("max_model_len"), max_batch_size=opt("max_batch_size"), max_queue=opt("max_queue"),
         dtype=opt("dtype"), device=opt("device"), threads=opt("threads"), log_prompts=log_prompts,
         prefix_caching=opt("prefix_caching"), overlap_prefill=opt("overlap_prefill"),
+        enforce_eager=opt("enforce_eager"),
     )  # fmt: skip
     engine = create_engine(engine_name, model, adapters=adapters, options=options)
     engine.start()
@@ -238,6 +240,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false", default=None,
                    help="prefill new requests between decoding steps on the decoding thread (default on CPU, "
                         "when the cores allow two model threads: on a second thread, while the batch decodes)")  # fmt: skip
+    p.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                   help="run the model's forward passes eagerly (default: as TorchScript graphs that run "
+                        "without the GIL, when the model traces faithfully and no adapter is loaded)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")

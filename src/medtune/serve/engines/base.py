@@ -61,6 +61,7 @@ class EngineOptions:
     log_prompts: bool = False  # log prompts and completions (medical data: off by default)
     prefix_caching: bool = True  # reuse the cache of a prompt's start shared with the previous prompt
     overlap_prefill: bool = True  # CPU: prefill on a second thread while decoding (when cores allow two)
+    enforce_eager: bool = False  # transformers: no traced forward passes (graphs.py), eager ones only
 
 
 @dataclass

@@ -88,6 +88,18 @@ def prefill_inputs(
     return ids, mask, pos, cache
 
 
+def prefill_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The 4-D boolean mask [rows, 1, new, columns] SDPA takes for a prefill whose 2-D `mask` (from
+    `prefill_inputs`) ends with the `new` tokens fed: each token sees the real tokens up to itself.
+    A padding token that would see nothing sees every column instead (its output is never used, and
+    a fully masked row would make SDPA return NaN)."""
+    columns = mask.shape[-1]
+    causal = torch.arange(columns)[None, :] <= torch.arange(columns - new, columns)[:, None]
+    allowed = causal[None] & mask[:, None, :].bool()
+    allowed |= ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
 def plain_layers(cache: DynamicCache) -> bool:
     """True when every layer is a plain full-attention one: such caches can be seeded with a cached
     prefix and their rows decoded in a `RaggedBatch`. Sliding-window or linear-attention layers cannot."""
@@ -120,7 +132,7 @@ class RaggedLayer(DynamicLayer):
         keys, values = self.buffers
         keys[self.rows, :, self.columns] = key_states[:, :, 0]
         values[self.rows, :, self.columns] = value_states[:, :, 0]
-        n = len(self.rows)
+        n = self.rows.shape[0]  # from the tensor, not len(): a traced graph keeps it variable
         self.keys, self.values = keys[:n, :, : self.width], values[:n, :, : self.width]
         return self.keys, self.values
 
@@ -136,6 +148,7 @@ class RaggedBatch:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None  # buffers kept when the batch empties, reused
         self.stores: list[torch.Tensor] = []  # what the layers' buffers are views of (`_reserve`)
+        self.layout: list = []  # which store holds each layer's keys and values (`cache_over`)
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens in the cache, per row
         self.next = torch.zeros(0, dtype=torch.long)  # each row's next input token
 
@@ -148,7 +161,7 @@ class RaggedBatch:
         return len(self.rows)
 
     def clear(self) -> None:
-        self.rows, self.cache, self.stores = [], None, []
+        self.rows, self.cache, self.stores, self.layout = [], None, [], []
         self.lengths = self.next = torch.zeros(0, dtype=torch.long)
 
     def can_merge(self) -> bool:
@@ -173,18 +186,31 @@ class RaggedBatch:
         for i, pair in enumerate(like):
             for j, t in enumerate(pair):
                 kinds.setdefault((t.shape[1], t.shape[3], t.dtype, t.device), []).append((i, j))
-        buffers: list[list[Any]] = [[None, None] for _ in like]
-        self.stores = []
-        for (heads, dim, dtype, device), members in kinds.items():
+        layout: list[list[Any]] = [[None, None] for _ in like]
+        stores = []
+        for s, ((heads, dim, dtype, device), members) in enumerate(kinds.items()):
             store = torch.zeros((len(members), rows, heads, columns, dim), dtype=dtype, device=device)
             for m, (i, j) in enumerate(members):
                 if n:
                     store[m, :n, :, :width] = self.cache.layers[i].buffers[j][:n, :, :width]
-                buffers[i][j] = store[m]
-            self.stores.append(store)
-        layers = [RaggedLayer(*pair) for pair in buffers]
-        self.cache = DynamicCache()
-        self.cache.layers = layers
+                layout[i][j] = (s, m)
+            stores.append(store)
+        self.stores = stores
+        self.layout = [tuple(pair) for pair in layout]
+        self.cache = self.cache_over(stores, self.layout)
+
+    @staticmethod
+    def cache_over(stores: Any, layout: list) -> DynamicCache:
+        """A cache of `RaggedLayer`s whose buffers are views of `stores`: layer i's keys are
+        `stores[s][m]` for `(s, m) = layout[i][0]`, its values likewise with `layout[i][1]`."""
+        cache = DynamicCache()
+        cache.layers = [RaggedLayer(*(stores[s][m] for s, m in pair)) for pair in layout]
+        return cache
+
+    def step_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where this step's new keys and values go: each row's index and column (`decode_inputs` first)."""
+        layer = self.cache.layers[0]
+        return layer.rows, layer.columns
 
     def add(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence], nxt: torch.Tensor) -> None:
         """Copy freshly prefilled rows (their cache, left-padded under `mask`) in after the running ones."""

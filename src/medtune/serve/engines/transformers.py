@@ -10,7 +10,8 @@ padding, attention mask, position ids counted from each row's first real token) 
 are copied in; finished rows leave. On a CPU with cores for two model threads (a small model decodes
 on one thread: two cores), prefills run on a second thread while the running requests keep decoding
 (`overlap_prefill`), so that a new prompt does not stall everyone's next token; otherwise the decoding
-thread prefills between two steps. Every row keeps its
+thread prefills between two steps. Both run the model as traced graphs (`graphs.ForwardGraphs`),
+which hold no GIL while they compute, when it traces faithfully and no adapter is loaded. Every row keeps its
 own sampling settings, stop strings, seed, xgrammar matcher and LoRA adapter (PEFT mixed-batch
 forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
 waits on a per-request queue; the bounded waiting queue turns overload into `QueueFull` (HTTP 429).
@@ -39,6 +40,7 @@ from medtune.serve.engines.base import (
     EngineOptions,
     GenerationRequest,
 )
+from medtune.serve.engines.graphs import ForwardGraphs
 from medtune.serve.engines.kv_batch import (
     FixedBatch,
     Prefix,
@@ -98,6 +100,7 @@ class TransformersEngine(QueuedEngine):
         # (every ARIA call) start from its keys and values instead of recomputing them.
         self._prefixes: dict[str | None, Prefix] = {}
         self._prefix_ok = False  # set at start: plain attention layers only (`plain_layers`)
+        self._graphs: ForwardGraphs | None = None  # traced forward passes (no adapter loaded)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -127,8 +130,6 @@ class TransformersEngine(QueuedEngine):
         self.device = torch.device(device)
         model.to(self.device).eval()
         self.adapters = AdapterSet(model)
-        for name, adapter_path in self._initial_adapters.items():
-            self.adapters.load(name, adapter_path)
         config = model.config.get_text_config(decoder=True)
         limit = getattr(config, "max_position_embeddings", None) or 2048
         self._max_context = min(opts.max_model_len or limit, limit)
@@ -149,6 +150,15 @@ class TransformersEngine(QueuedEngine):
         plain = plain_layers(new_cache(model.config))
         self._prefix_ok = opts.prefix_caching and plain
         self._batch = RaggedBatch.for_model(model.config) if plain else FixedBatch()
+        if plain and not opts.enforce_eager:
+            # Traced before any adapter is loaded: the graphs are the base model's, used while no
+            # adapter is loaded (PEFT leaves the base weights as they are).
+            if self._threads:
+                torch.set_num_threads(self._threads)  # tracing runs the model: as it will run
+            with torch.inference_mode():
+                self._graphs = ForwardGraphs.build(model, self.pad_id)
+        for name, adapter_path in self._initial_adapters.items():
+            self.adapters.load(name, adapter_path)
         self.loaded = True
         self._thread = threading.Thread(target=self._run, name="medtune-scheduler", daemon=True)
         self._thread.start()
@@ -373,20 +383,31 @@ class TransformersEngine(QueuedEngine):
                 self._ready.pop(0)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
-                 seqs: list[Sequence]) -> torch.Tensor:  # fmt: skip
-        """Last-position logits (float32, CPU) for every row, each through its own adapter."""
+                 seqs: list[Sequence], prefill: bool) -> torch.Tensor:  # fmt: skip
+        """Last-position logits (float32, CPU) for every row, each through its own adapter; through the
+        traced graphs when there are (and no adapter is loaded)."""
         on = self.device
-        with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
-            out = self.adapters.model(
-                input_ids=ids if ids.device == on else ids.to(on),
-                attention_mask=mask if mask.device == on else mask.to(on),
-                position_ids=pos if pos.device == on else pos.to(on),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
-            )
-        logits = out.logits[:, -1, :]
+        ids = ids if ids.device == on else ids.to(on)
+        pos = pos if pos.device == on else pos.to(on)
+        if self._graphs is not None and not self.adapters.paths:
+            if prefill:
+                logits = self._graphs.prefill(ids, mask, pos, cache)
+            else:
+                logits = self._graphs.decode(
+                    ids, mask if mask.device == on else mask.to(on), pos, self._batch
+                )
+        else:
+            with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
+                out = self.adapters.model(
+                    input_ids=ids,
+                    attention_mask=mask if mask.device == on else mask.to(on),
+                    position_ids=pos,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
+                )
+            logits = out.logits[:, -1, :]
         if logits.dtype != torch.float32:
             logits = logits.float()
         return logits if logits.device.type == "cpu" else logits.cpu()
@@ -409,7 +430,7 @@ class TransformersEngine(QueuedEngine):
         config = self.adapters.model.config
         ids, mask, pos, cache = prefill_inputs(seqs, self.pad_id, config, prefix, reuse)
         t0 = time.perf_counter()
-        logits = self._forward(ids, mask, pos, cache, seqs)
+        logits = self._forward(ids, mask, pos, cache, seqs, prefill=True)
         log.debug("prefill %d x %d tokens (+%d cached) in %.1f ms", *ids.shape, reuse,
                   1000 * (time.perf_counter() - t0))  # fmt: skip
         if self._prefix_ok:
@@ -425,7 +446,7 @@ class TransformersEngine(QueuedEngine):
     def _decode(self) -> int:
         """One token for every running row; return how many rows finished."""
         ids, mask, pos = self._batch.decode_inputs()
-        logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows)
+        logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows, prefill=False)
         self._batch.advance(self._step(self._batch.rows, logits, self._bitmask))
         return self._batch.drop_finished()
 
