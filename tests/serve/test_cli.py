@@ -49,8 +49,10 @@ def test_every_option_also_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MEDTUNE_MAX_QUEUE", "3")
     monkeypatch.setenv("MEDTUNE_API_KEY", "from-env")
     monkeypatch.setenv("MEDTUNE_PORT", "9000")
+    monkeypatch.setenv("MEDTUNE_ENFORCE_EAGER", "true")
     settings = ServeSettings()
     assert (settings.max_queue, settings.api_key, settings.port) == (3, "from-env", 9000)
+    assert settings.enforce_eager
 
 
 def test_serve_refuses_a_missing_model_without_a_traceback(capsys, tmp_path):

@@ -50,6 +50,11 @@ def test_no_prefix_caching_reaches_vllm():
     assert "--no-enable-prefix-caching" in cmd
 
 
+def test_enforce_eager_reaches_vllm():
+    assert "--enforce-eager" not in vllm_command(VllmOptions(model="m"), version="0.11.0")
+    assert "--enforce-eager" in vllm_command(VllmOptions(model="m", enforce_eager=True), version="0.11.0")
+
+
 def test_missing_vllm_is_a_clear_hardware_error(monkeypatch):
     monkeypatch.setattr(vllm, "vllm_version", lambda: None)
     with pytest.raises(HardwareError, match=r"vLLM is not installed.*--engine transformers"):

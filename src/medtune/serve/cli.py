@@ -143,7 +143,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=opt("max_model_len"), gpu_memory_utilization=opt("gpu_memory_utilization"),
             adapters=adapters, tensor_parallel_size=opt("tensor_parallel_size"), dtype=opt("dtype"),
             quantization=opt("quantization"), max_num_seqs=opt("max_batch_size"),
-            prefix_caching=opt("prefix_caching"),
+            prefix_caching=opt("prefix_caching"), enforce_eager=opt("enforce_eager"),
         ))  # fmt: skip
         return 0
 

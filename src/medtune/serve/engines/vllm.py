@@ -40,6 +40,7 @@ class VllmOptions:
     max_num_seqs: int | None = None
     seed: int | None = None
     prefix_caching: bool = True  # vLLM's default; False adds --no-enable-prefix-caching
+    enforce_eager: bool = False  # True adds --enforce-eager (no CUDA graphs)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -78,6 +79,8 @@ def vllm_command(opts: VllmOptions, version: str | None = None) -> list[str]:
         cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
     if not opts.prefix_caching:
         cmd += ["--no-enable-prefix-caching"]
+    if opts.enforce_eager:
+        cmd += ["--enforce-eager"]
     if opts.seed is not None:
         cmd += ["--seed", str(opts.seed)]
     if _version_tuple(version) >= _STRUCTURED_OUTPUTS_SINCE:
