@@ -242,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "when the cores allow two model threads: on a second thread, while the batch decodes)")  # fmt: skip
     p.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
                    help="run the model's forward passes eagerly (default: as TorchScript graphs that run "
-                        "without the GIL, when the model traces faithfully and no adapter is loaded)")  # fmt: skip
+                        "without the GIL, when the model traces faithfully and no adapter is loaded; with vLLM: no CUDA graphs)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")
