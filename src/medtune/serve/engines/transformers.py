@@ -10,10 +10,10 @@ padding, attention mask, position ids counted from each row's first real token) 
 are copied in; finished rows leave. On a CPU with cores for two model threads (a small model decodes
 on one thread: two cores), prefills run on a second thread while the running requests keep decoding
 (`overlap_prefill`), so that a new prompt does not stall everyone's next token; otherwise the decoding
-thread prefills between two steps. Both run the model as traced graphs (`graphs.ForwardGraphs`),
-which hold no GIL while they compute, when it traces faithfully and no adapter is loaded. Every row keeps its
-own sampling settings, stop strings, seed, xgrammar matcher and LoRA adapter (PEFT mixed-batch
-forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
+thread prefills between two steps. Both threads run the model as traced graphs, which hold no GIL
+while they compute (`graphs.ForwardGraphs`; not for models that do not trace faithfully, nor while
+LoRA adapters are loaded). Every row keeps its own sampling settings, stop strings, seed, xgrammar
+matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
 waits on a per-request queue; the bounded waiting queue turns overload into `QueueFull` (HTTP 429).
 
 Why not transformers' own `ContinuousBatchingManager` or `generate()`: neither lets each request of
