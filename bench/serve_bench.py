@@ -143,13 +143,7 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medtune.serve.engines.graphs import ForwardGraphs
-    from medtune.serve.engines.kv_batch import RaggedBatch, prefill_inputs
-
-    class Row:
-        finished = False
-
-        def __init__(self, ids: list[int]) -> None:
-            self.prompt_ids = ids
+    from medtune.serve.engines.kv_batch import PromptRow, RaggedBatch, prefill_inputs
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(model)
@@ -165,9 +159,9 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
         for rows in (1, 8):
             batch = RaggedBatch.for_model(lm.config)  # as the engine builds it
             for ids in prompts[:rows]:
-                ids_t, mask, pos, cache = prefill_inputs([Row(ids)], 0, lm.config)
+                ids_t, mask, pos, cache = prefill_inputs([PromptRow(ids)], 0, lm.config)
                 logits = lm(input_ids=ids_t, attention_mask=mask, position_ids=pos, cache=cache).logits
-                batch.add(cache, mask, [Row(ids)], logits[:, -1].argmax(-1))
+                batch.add(cache, mask, [PromptRow(ids)], logits[:, -1].argmax(-1))
             times = []
             for _ in range(40):
                 t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -22,12 +23,21 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
+    with _started(tiny_model_dir, max_batch_size=8) as eng:
+        yield eng
+
+
+@contextlib.contextmanager
+def _started(model_dir, adapters=None, **options):
+    """Another engine on `model_dir` (one thread), closed afterwards."""
     eng = create_engine(
-        "transformers", str(tiny_model_dir), options=EngineOptions(max_batch_size=8, threads=1)
+        "transformers", str(model_dir), adapters=adapters, options=EngineOptions(threads=1, **options)
     )
     eng.start()
-    yield eng
-    eng.close()
+    try:
+        yield eng
+    finally:
+        eng.close()
 
 
 def _req(prompt: str, max_tokens: int = 24, **sampling) -> GenerationRequest:
@@ -63,14 +73,9 @@ def test_a_shared_prompt_start_is_prefilled_once_with_the_same_output(engine, ti
     together = [r.token_ids for r in engine.generate_batch(reqs)]
     shared = len(engine.encode(system, add_special_tokens=True)) - 2  # the last piece may merge
     assert engine.reused_prompt_tokens - before >= 7 * shared  # every prompt after the first
-    plain = create_engine("transformers", str(tiny_model_dir),
-                          options=EngineOptions(threads=1, prefix_caching=False))  # fmt: skip
-    plain.start()
-    try:
+    with _started(tiny_model_dir, prefix_caching=False) as plain:
         fresh = [plain.generate_batch([r])[0].token_ids for r in reqs]
         assert plain.reused_prompt_tokens == 0
-    finally:
-        plain.close()
     assert alone == fresh and together == fresh
 
 
@@ -88,14 +93,9 @@ def test_prefills_overlap_decoding_or_not_with_the_same_output(engine, tiny_mode
     assert engine._prefill_thread is not None and engine._prefill_thread.is_alive()
     reqs = [_req(p, max_tokens=30 - 4 * i) for i, p in enumerate(PROMPTS * 2)]
     overlapped = _staggered(engine, reqs)
-    serial = create_engine("transformers", str(tiny_model_dir),
-                           options=EngineOptions(threads=1, overlap_prefill=False))  # fmt: skip
-    serial.start()
-    try:
+    with _started(tiny_model_dir, overlap_prefill=False) as serial:
         assert serial._prefill_thread is None
         assert _staggered(serial, reqs) == overlapped
-    finally:
-        serial.close()
     assert overlapped == [engine.generate_batch([r])[0].token_ids for r in reqs]
 
 
@@ -106,14 +106,9 @@ def test_traced_and_eager_forward_passes_give_the_same_output(engine, tiny_model
     system = "Tu es ARIA, assistant de diagnostic biomécanique de la course. Réponds en JSON.\n"
     reqs = [_req(system + p, max_tokens=30 - 3 * i) for i, p in enumerate(PROMPTS)]
     traced = _staggered(engine, reqs)
-    eager = create_engine("transformers", str(tiny_model_dir),
-                          options=EngineOptions(threads=1, enforce_eager=True))  # fmt: skip
-    eager.start()
-    try:
+    with _started(tiny_model_dir, enforce_eager=True) as eager:
         assert eager._graphs is None
         assert _staggered(eager, reqs) == traced
-    finally:
-        eager.close()
 
 
 def test_no_prefill_thread_when_the_model_already_uses_every_core(tiny_model_dir):
@@ -309,10 +304,7 @@ def test_an_adapter_replaced_under_its_name_does_not_reuse_the_old_prefix(served
     req = GenerationRequest(
         messages=question, sampling=SamplingParams(temperature=0.0, max_tokens=12), adapter="spec"
     )
-    engine = create_engine("transformers", str(served_model_dir), adapters={"spec": str(lora_adapters["derm"])},
-                           options=EngineOptions(threads=1))  # fmt: skip
-    engine.start()
-    try:
+    with _started(served_model_dir, adapters={"spec": str(lora_adapters["derm"])}) as engine:
         assert engine.generate_batch([req])[0].text.startswith("Avis dermatologique")
         assert "spec" in engine._prefixes
         engine.unload_adapter("spec")
@@ -323,8 +315,6 @@ def test_an_adapter_replaced_under_its_name_does_not_reuse_the_old_prefix(served
         assert engine.reused_prompt_tokens == before  # computed in full with the new weights
         assert engine.generate_batch([req])[0].text.startswith("Avis radiologique")
         assert engine.reused_prompt_tokens > before  # and reused from then on
-    finally:
-        engine.close()
 
 
 def test_base_requests_give_the_same_output_with_and_after_adapters(served_model_dir, lora_adapters):
@@ -332,19 +322,10 @@ def test_base_requests_give_the_same_output_with_and_after_adapters(served_model
     adapters are loaded, rows go through PEFT eagerly), with the same output as the plain engine."""
     question = [{"role": "user", "content": "Bonjour"}]
     req = GenerationRequest(messages=question, sampling=SamplingParams(temperature=0.0, max_tokens=12))
-    plain = create_engine("transformers", str(served_model_dir), options=EngineOptions(threads=1))
-    plain.start()
-    try:
+    with _started(served_model_dir) as plain:
         want = plain.generate_batch([req])[0].token_ids
-    finally:
-        plain.close()
-    engine = create_engine("transformers", str(served_model_dir), adapters={"spec": str(lora_adapters["derm"])},
-                           options=EngineOptions(threads=1))  # fmt: skip
-    engine.start()
-    try:
+    with _started(served_model_dir, adapters={"spec": str(lora_adapters["derm"])}) as engine:
         assert engine._graphs is not None
         assert engine.generate_batch([req])[0].token_ids == want  # base rows, eager beside the adapter
         engine.unload_adapter("spec")
         assert engine.generate_batch([req])[0].token_ids == want  # through the graphs again
-    finally:
-        engine.close()

@@ -8,13 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from medtune.serve.engines.graphs import ForwardGraphs
-from medtune.serve.engines.kv_batch import Prefix, RaggedBatch, prefill_inputs
-
-
-class Row:
-    def __init__(self, prompt_ids: list[int]) -> None:
-        self.prompt_ids = prompt_ids
-        self.finished = False
+from medtune.serve.engines.kv_batch import Prefix, PromptRow, RaggedBatch, prefill_inputs
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def _prompts(model, lengths: list[int], shared: int = 0) -> list[list[int]]:
     return [start + torch.randint(5, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _prefill(model, graphs, rows: list[Row], prefix: Prefix | None = None, reuse: int = 0):
+def _prefill(model, graphs, rows: list[PromptRow], prefix: Prefix | None = None, reuse: int = 0):
     """The same prefill eagerly and through the graph: (logits, cache) of each."""
     out = []
     for traced in (False, True):
@@ -52,7 +46,7 @@ def _prefill(model, graphs, rows: list[Row], prefix: Prefix | None = None, reuse
 
 
 def test_prefills_match_the_eager_model_with_padding_and_a_reused_prefix(model, graphs):
-    rows = [Row(p) for p in _prompts(model, [23, 9, 17], shared=11)]
+    rows = [PromptRow(p) for p in _prompts(model, [23, 9, 17], shared=11)]
     (want, want_cache, mask), (got, got_cache, _) = _prefill(model, graphs, rows)
     assert torch.allclose(got, want, atol=1e-5)
     real = mask.bool()  # keys and values of padding columns are never read
@@ -68,10 +62,10 @@ def test_prefills_match_the_eager_model_with_padding_and_a_reused_prefix(model, 
 
 
 def test_decoding_steps_match_the_eager_model_as_rows_join_and_leave(model, graphs):
-    rows = [Row(p) for p in _prompts(model, [6, 21, 13, 60, 8])]
+    rows = [PromptRow(p) for p in _prompts(model, [6, 21, 13, 60, 8])]
     eager, traced = RaggedBatch.for_model(model.config), RaggedBatch.for_model(model.config)
 
-    def join(new: list[Row]) -> None:
+    def join(new: list[PromptRow]) -> None:
         (want, want_cache, mask), (got, got_cache, _) = _prefill(model, graphs, new)
         assert torch.allclose(got, want, atol=1e-5)
         eager.add(want_cache, mask, new, want.argmax(-1))

@@ -7,15 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from medtune.serve.engines.kv_batch import FixedBatch, RaggedBatch, new_cache, plain_layers, prefill_inputs
-
-
-class Row:
-    """The part of a Sequence the batch reads."""
-
-    def __init__(self, prompt_ids: list[int]) -> None:
-        self.prompt_ids = prompt_ids
-        self.finished = False
+from medtune.serve.engines.kv_batch import (
+    FixedBatch,
+    PromptRow,
+    RaggedBatch,
+    new_cache,
+    plain_layers,
+    prefill_inputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def _prompts(model, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _prefill(model, rows: list[Row]):
+def _prefill(model, rows: list[PromptRow]):
     ids, mask, pos, cache = prefill_inputs(rows, 0, model.config)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
@@ -62,7 +61,7 @@ def _step(model, batch: RaggedBatch) -> torch.Tensor:
 def test_rows_joining_and_leaving_decode_as_they_would_alone(model, mask_4d):
     assert RaggedBatch.for_model(model.config).mask_4d  # what the engine uses for this (SDPA) model
     prompts = _prompts(model, [7, 19, 12, 30])
-    rows = [Row(p) for p in prompts]
+    rows = [PromptRow(p) for p in prompts]
     reference = {id(r): _alone(model, r.prompt_ids, 12) for r in rows}
     seen: dict[int, list[torch.Tensor]] = {id(r): [] for r in rows}
     batch = RaggedBatch(mask_4d=mask_4d)
@@ -87,7 +86,7 @@ def test_rows_joining_and_leaving_decode_as_they_would_alone(model, mask_4d):
 
 
 def test_a_departure_copies_one_row_and_the_buffers_stay(model):
-    rows = [Row(p) for p in _prompts(model, [9, 9, 9, 9])]
+    rows = [PromptRow(p) for p in _prompts(model, [9, 9, 9, 9])]
     cache, mask, first = _prefill(model, rows)
     batch = RaggedBatch()
     batch.add(cache, mask, rows, first)
@@ -107,7 +106,7 @@ def test_a_departure_copies_one_row_and_the_buffers_stay(model):
 
 
 def test_buffers_grow_when_a_row_outgrows_them(model):
-    rows = [Row(p) for p in _prompts(model, [5, 6])]
+    rows = [PromptRow(p) for p in _prompts(model, [5, 6])]
     cache, mask, first = _prefill(model, rows)
     batch = RaggedBatch()
     batch.add(cache, mask, rows, first)
@@ -123,7 +122,7 @@ def test_buffers_grow_when_a_row_outgrows_them(model):
 def test_models_with_sliding_window_layers_use_fixed_batches(tiny_sliding_window_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_sliding_window_model_dir).eval()
     assert not plain_layers(new_cache(model.config))
-    rows = [Row(p) for p in _prompts(model, [12, 12])]
+    rows = [PromptRow(p) for p in _prompts(model, [12, 12])]
     batch = FixedBatch()
     cache, mask, first = _prefill(model, rows)
     batch.add(cache, mask, rows, first)
@@ -154,7 +153,7 @@ def test_keys_and_values_of_different_shapes_get_their_own_stores():
     for layer in batch.cache.layers:
         assert layer.buffers[0].shape[-1] == 8 and layer.buffers[1].shape[-1] == 4
     batch.rows, batch.lengths, batch.next = (
-        [Row([1, 2]), Row([3])],
+        [PromptRow([1, 2]), PromptRow([3])],
         torch.tensor([2, 1]),
         torch.tensor([5, 6]),
     )

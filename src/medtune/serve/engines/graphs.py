@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from medtune.serve.engines.kv_batch import Prefix, RaggedBatch, new_cache, prefill_inputs, prefill_mask
+from medtune.serve.engines.kv_batch import (
+    Prefix,
+    PromptRow,
+    RaggedBatch,
+    new_cache,
+    prefill_inputs,
+    prefill_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +160,6 @@ class ForwardGraphs:
                 traced.advance(want.argmax(-1))
 
 
-class _Row:
-    """The part of a `Sequence` that prefill and batch helpers read."""
-
-    finished = False
-
-    def __init__(self, ids: list[int]) -> None:
-        self.prompt_ids = ids
-
-
 def _empty_prefix(model: Any) -> list[torch.Tensor]:
     """Per layer, zero-token keys and values [1, heads, 0, dim] (what an unseeded prefill starts from)."""
     device = next(model.parameters()).device
@@ -187,7 +185,7 @@ def _prefill_args(
         prefix_cache = new_cache(model.config)
         model(input_ids=torch.tensor([seqs[0][:reuse]], device=device), cache=prefix_cache, use_cache=True)
         prefix = Prefix(seqs[0][:reuse], [(layer.keys[0], layer.values[0]) for layer in prefix_cache.layers])
-    ids, mask, pos, cache = prefill_inputs([_Row(s) for s in seqs], pad_id, model.config, prefix, reuse)
+    ids, mask, pos, cache = prefill_inputs([PromptRow(s) for s in seqs], pad_id, model.config, prefix, reuse)
     kv = _prefix_of(cache, empty, len(seqs))
     return (ids.to(device), prefill_mask(mask, ids.shape[1]).to(device), pos.to(device), *kv)
 
@@ -195,7 +193,7 @@ def _prefill_args(
 def _batch(model: Any, seqs: list[list[int]], pad_id: int) -> RaggedBatch:
     """`seqs` prefilled eagerly into a new `RaggedBatch`."""
     device = next(model.parameters()).device
-    rows = [_Row(s) for s in seqs]
+    rows = [PromptRow(s) for s in seqs]
     ids, mask, pos, cache = prefill_inputs(rows, pad_id, model.config)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                    cache=cache, use_cache=True, logits_to_keep=1).logits  # fmt: skip

@@ -38,6 +38,15 @@ from transformers.cache_utils import DynamicLayer
 from medtune.serve.engines.sequence import Sequence, common_prefix
 
 
+class PromptRow:
+    """The part of a `Sequence` that prefills and batches read: a prompt's token ids and whether the row
+    is done (to prefill prompts outside the engine: tracing, tests, benchmarks)."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self.finished = False
+
+
 @dataclass
 class Prefix:
     """A prompt already prefilled: its token ids and, per layer, their keys and values [heads, tokens, dim]."""
