@@ -40,6 +40,7 @@ from medtune.serve.engines.kv_batch import (
     new_cache,
     prefill_inputs,
     prefill_mask,
+    seed,
 )
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,7 @@ class _Prefill(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *prefix: torch.Tensor):
         cache = new_cache(self.model.config)
-        for layer, k, v in zip(cache.layers, prefix[0::2], prefix[1::2], strict=True):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
+        seed(cache, list(prefix))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                          use_cache=True, logits_to_keep=1)  # fmt: skip
         return (out.logits[:, -1], *[t for layer in cache.layers for t in (layer.keys, layer.values)])
@@ -94,7 +93,7 @@ class ForwardGraphs:
     def build(cls, model: Any, pad_id: int) -> ForwardGraphs | None:
         """Trace `model` (call under inference mode) and check the graphs against it; None if they differ
         or it cannot be traced."""
-        if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        if not RaggedBatch.for_model(model.config).mask_4d:  # the graphs take SDPA's 4-D masks only
             return None
         vocab = model.config.get_text_config(decoder=True).vocab_size
         gen = torch.Generator().manual_seed(0)
@@ -131,11 +130,8 @@ class ForwardGraphs:
         """Last-position logits of a prefill (inputs from `prefill_inputs`, `mask` the 2-D one); the
         cache, seeded with a reused prefix or not, gets every layer's keys and values."""
         prefix = _prefix_of(cache, self._empty, ids.shape[0])
-        logits, *kv = self._prefill(ids, prefill_mask(mask, ids.shape[1]).to(ids.device), pos, *prefix)
-        for layer, k, v in zip(cache.layers, kv[0::2], kv[1::2], strict=True):
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
+        logits, *kv = self._prefill(ids, prefill_mask(mask, ids.shape[1]), pos, *prefix)
+        seed(cache, kv)
         return logits
 
     def decode(
@@ -187,7 +183,8 @@ def _prefill_args(
         prefix = Prefix(seqs[0][:reuse], [(layer.keys[0], layer.values[0]) for layer in prefix_cache.layers])
     ids, mask, pos, cache = prefill_inputs([PromptRow(s) for s in seqs], pad_id, model.config, prefix, reuse)
     kv = _prefix_of(cache, empty, len(seqs))
-    return (ids.to(device), prefill_mask(mask, ids.shape[1]).to(device), pos.to(device), *kv)
+    mask = mask.to(device)
+    return (ids.to(device), prefill_mask(mask, ids.shape[1]), pos.to(device), *kv)
 
 
 def _batch(model: Any, seqs: list[list[int]], pad_id: int) -> RaggedBatch:

@@ -90,11 +90,18 @@ def prefill_inputs(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, reuse:]
     cache = new_cache(config)
     if reuse:
-        for layer, (k, v) in zip(cache.layers, prefix.layers, strict=True):
-            k, v = (t[:, :reuse].unsqueeze(0).expand(len(seqs), -1, -1, -1) for t in (k, v))
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v  # the rest is concatenated at the first update
+        seed(cache, [t[:, :reuse].unsqueeze(0).expand(len(seqs), -1, -1, -1) for pair in prefix.layers
+                     for t in pair])  # fmt: skip
     return ids, mask, pos, cache
+
+
+def seed(cache: DynamicCache, tensors: list[torch.Tensor]) -> None:
+    """Set a prefill cache's keys and values: `tensors` is keys, values of layer 0, then of layer 1, ...
+    (a `DynamicLayer` concatenates what its next update brings after them)."""
+    for layer, k, v in zip(cache.layers, tensors[0::2], tensors[1::2], strict=True):
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
 
 
 def prefill_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -103,7 +110,8 @@ def prefill_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
     A padding token that would see nothing sees every column instead (its output is never used, and
     a fully masked row would make SDPA return NaN)."""
     columns = mask.shape[-1]
-    causal = torch.arange(columns)[None, :] <= torch.arange(columns - new, columns)[:, None]
+    at = torch.arange(columns, device=mask.device)
+    causal = at[None, :] <= at[columns - new :, None]
     allowed = causal[None] & mask[:, None, :].bool()
     allowed |= ~allowed.any(-1, keepdim=True)
     return allowed[:, None]

@@ -13,8 +13,9 @@ on one thread: two cores), prefills run on a second thread while the running req
 thread prefills between two steps. Both threads run the model as traced graphs, which hold no GIL
 while they compute (`graphs.ForwardGraphs`; not for models that do not trace faithfully, nor while
 LoRA adapters are loaded). Every row keeps its own sampling settings, stop strings, seed, xgrammar
-matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone or batched. The event loop only tokenises, validates and
-waits on a per-request queue; the bounded waiting queue turns overload into `QueueFull` (HTTP 429).
+matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone or batched.
+The event loop only tokenises, validates and waits on a per-request queue; the bounded waiting queue
+turns overload into `QueueFull` (HTTP 429).
 
 Why not transformers' own `ContinuousBatchingManager` or `generate()`: neither lets each request of
 one batch carry its own grammar matcher and its own adapter, which is the point of this server.
@@ -387,20 +388,17 @@ class TransformersEngine(QueuedEngine):
         """Last-position logits (float32, CPU) for every row, each through its own adapter; through the
         traced graphs when there are (and no adapter is loaded)."""
         on = self.device
-        ids = ids if ids.device == on else ids.to(on)
-        pos = pos if pos.device == on else pos.to(on)
+        ids, mask, pos = (t if t.device == on else t.to(on) for t in (ids, mask, pos))
         if self._graphs is not None and not self.adapters.paths:
             if prefill:
                 logits = self._graphs.prefill(ids, mask, pos, cache)
             else:
-                logits = self._graphs.decode(
-                    ids, mask if mask.device == on else mask.to(on), pos, self._batch
-                )
+                logits = self._graphs.decode(ids, mask, pos, self._batch)
         else:
             with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
                 out = self.adapters.model(
                     input_ids=ids,
-                    attention_mask=mask if mask.device == on else mask.to(on),
+                    attention_mask=mask,
                     position_ids=pos,
                     cache=cache,
                     use_cache=True,
