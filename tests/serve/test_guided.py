@@ -87,3 +87,26 @@ def test_masking_forbids_special_tokens_inside_constrained_answers(guide, tiny_m
     assert logits[1, start] == float("-inf")
     assert torch.isfinite(logits[0]).all()  # unconstrained rows are untouched
     assert torch.isfinite(logits[1]).sum() > 100  # plenty of text tokens remain allowed
+
+
+def test_domain_terms_stay_writable_inside_constrained_answers(tiny_model_factory):
+    # The embedded builder makes each recipe term one token; transformers lists such tokens among the
+    # "extra special tokens", but they are text: a justification names its measurement with one.
+    model = tiny_model_factory("terms", symbols=["valgus_genou"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    term = tokenizer.convert_tokens_to_ids("valgus_genou")
+    assert term in tokenizer.all_special_ids  # what made the old mask forbid it
+    guide = Guide(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])
+    matcher = guide.matcher(
+        Constraint("json_schema", {"type": "object", "properties": {"j": {"type": "string"}}})
+    )
+    assert matcher.accept_string('{"j": "')
+    bitmask = guide.allocate(1)
+    guide.fill(bitmask, 0, matcher)
+    logits = torch.zeros(1, guide.vocab_size)
+    guide.apply(logits, bitmask, [0])
+    assert torch.isfinite(logits[0, term])
+    markers = ["<|im_start|>", tokenizer.pad_token, tokenizer.bos_token, tokenizer.unk_token]
+    for marker in markers:
+        assert logits[0, tokenizer.convert_tokens_to_ids(marker)] == float("-inf"), marker
+    assert matcher.accept_token(term) and matcher.accept_string(' 12.1° > 10°"}') and matcher.is_completed()

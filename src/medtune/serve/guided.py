@@ -80,6 +80,23 @@ def _walk(node: Any, where: str) -> None:
         _walk(node.get(key), f"{where}.{key}")
 
 
+def marker_ids(tokenizer: Any) -> set[int]:
+    """Tokens that never belong inside a constrained answer: the named special tokens (bos, eos, unk,
+    pad, ...), added tokens flagged special, and added tokens the chat template writes (turn markers such
+    as <|im_start|>, even when a tokenizer forgets to flag them special and xgrammar reads them as plain
+    text). Other added tokens are text like any other: a domain's terms (the embedded model's
+    measurement names, which transformers lists among the "extra special tokens" of a SentencePiece
+    tokenizer) must stay writable, or the model has to spell them out in pieces it never learnt."""
+    named = [t for t in getattr(tokenizer, "special_tokens_map", {}).values() if isinstance(t, str)]
+    ids = {i for i in tokenizer.convert_tokens_to_ids(named) if isinstance(i, int)}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False) or str(added) in template:
+            ids.add(token_id)
+    return ids
+
+
 class Guide:
     """Compiles constraints for one tokenizer (cached by constraint) and masks logits for a batch."""
 
@@ -89,9 +106,7 @@ class Guide:
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
         )
         self.vocab_size = vocab_size
-        # Special tokens (chat markers such as <|im_start|>) never belong inside a constrained answer,
-        # even when a tokenizer forgets to flag them special and xgrammar reads them as plain text.
-        special = set(getattr(tokenizer, "all_special_ids", []) or []) - set(stop_token_ids)
+        special = marker_ids(tokenizer) - set(stop_token_ids)
         # Folded into the bitmask as an AND mask: bit i of word w is token 32 * w + i (int32 words).
         keep = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
         for i in special:
