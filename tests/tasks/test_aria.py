@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import jsonschema
@@ -296,6 +297,8 @@ def test_score_on_hand_made_predictions():
     assert m["pathology_exact_match"] == pytest.approx(1 / 5)
     assert m["pathology_match_normalized"] == pytest.approx(2 / 5)  # case and accents forgiven
     assert m["confidence_agreement"] == pytest.approx(3 / 5)
+    assert m["justification_agreement"] == pytest.approx(1 / 5)  # "x" is nobody's justification
+    assert m["justification_cites_signal"] == pytest.approx(1 / 5)
     assert m["per_pathology"]["Lombalgie mécanique"] == {"n": 1, "exact_match": 1.0}
     assert m["per_pathology"]["Tendinite Achille"] == {"n": 1, "exact_match": 0.0}
     assert m["per_pathology"]["Périostite tibiale"] == {"n": 0, "exact_match": None}
@@ -312,6 +315,14 @@ def test_score_perfect_predictions_and_bad_calls():
     tests = TASK.generate_test(70, seed=9)
     m = TASK.score(tests, [t["reference"] for t in tests])
     assert m["pathology_exact_match"] == m["schema_valid"] == m["confidence_agreement"] == 1.0
+    assert m["justification_agreement"] == m["justification_cites_signal"] == 1.0
+    # The measurement named in pieces (what the serving guide once forced), or its value miscopied.
+    spelt_out = [t["reference"].replace("valgus_genou", "v a l g u s") for t in tests]
+    spelt = TASK.score(tests, spelt_out)
+    assert spelt["justification_agreement"] == spelt["justification_cites_signal"] < 1.0
+    miscopied = [re.sub(r"\d\.\d°", "0.0°", t["reference"]) for t in tests]
+    wrong_values = TASK.score(tests, miscopied)
+    assert wrong_values["justification_agreement"] < wrong_values["justification_cites_signal"] == 1.0
     with pytest.raises(DataError, match="2 examples but 1 predictions"):
         TASK.score(tests[:2], ["{}"])
     with pytest.raises(DataError, match="no examples"):

@@ -152,6 +152,9 @@ class AriaTask(Task):
         - pathology_exact_match: `pathologie` equals the reference label exactly (case and accents
           count); pathology_match_normalized ignores case, accents and whitespace.
         - confidence_agreement: `confiance` equals the rules' confidence (exact string).
+        - justification_agreement: `justification` equals the rules' (the measurements that decide, with
+          their values and thresholds, as the reference answers write them: "valgus_genou 14.3° > 10°");
+          justification_cites_signal: it names the same measurements as the rules' (values aside).
         - per_pathology[label] = {n, exact_match}; confusion[reference][predicted], the predicted
           column being a label or "invalid" (unparseable answer, missing or unknown pathologie).
         """
@@ -163,7 +166,9 @@ class AriaTask(Task):
         folded = {fold_text(label): label for label in LABELS}
         columns = [*LABELS, INVALID]
         confusion = {ref: dict.fromkeys(columns, 0) for ref in LABELS}
-        counts = dict.fromkeys(["json_valid", "schema_valid", "exact", "normalized", "confidence"], 0)
+        counts = dict.fromkeys(
+            ["json_valid", "schema_valid", "exact", "normalized", "confidence", "why", "cites"], 0
+        )
         per = {label: {"n": 0, "correct": 0} for label in LABELS}
         for i, (example, prediction) in enumerate(zip(examples, predictions, strict=True)):
             if "input" not in example:
@@ -182,6 +187,9 @@ class AriaTask(Task):
                     predicted = value if value in LABELS else INVALID
                     counts["normalized"] += folded.get(fold_text(value)) == ref
                 counts["confidence"] += answer.get("confiance") == truth.confiance
+                why = answer.get("justification")
+                counts["why"] += why == truth.justification
+                counts["cites"] += isinstance(why, str) and _cited(why) == _cited(truth.justification)
             counts["exact"] += predicted == ref
             per[ref]["n"] += 1
             per[ref]["correct"] += predicted == ref
@@ -194,6 +202,8 @@ class AriaTask(Task):
             "pathology_exact_match": counts["exact"] / n,
             "pathology_match_normalized": counts["normalized"] / n,
             "confidence_agreement": counts["confidence"] / n,
+            "justification_agreement": counts["why"] / n,
+            "justification_cites_signal": counts["cites"] / n,
             "per_pathology": {
                 label: {"n": v["n"], "exact_match": v["correct"] / v["n"] if v["n"] else None}
                 for label, v in per.items()
@@ -201,6 +211,11 @@ class AriaTask(Task):
             "confusion": confusion,
             "counts": counts,
         }
+
+
+def _cited(text: str) -> set[str]:
+    """The measurement names a justification mentions."""
+    return {f for f in FIELDS if f in text}
 
 
 def _parse(text: str) -> dict[str, Any] | None:
