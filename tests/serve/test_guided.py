@@ -96,6 +96,11 @@ def test_domain_terms_stay_writable_inside_constrained_answers(tiny_model_factor
     tokenizer = AutoTokenizer.from_pretrained(model)
     term = tokenizer.convert_tokens_to_ids("valgus_genou")
     assert term in tokenizer.all_special_ids  # what made the old mask forbid it
+    assert (
+        "    " in tokenizer.chat_template
+    )  # an added whitespace run is text too, though the template has it
+    tokenizer.add_tokens(["    "])
+    spaces = tokenizer.convert_tokens_to_ids("    ")
     guide = Guide(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])
     matcher = guide.matcher(
         Constraint("json_schema", {"type": "object", "properties": {"j": {"type": "string"}}})
@@ -105,7 +110,7 @@ def test_domain_terms_stay_writable_inside_constrained_answers(tiny_model_factor
     guide.fill(bitmask, 0, matcher)
     logits = torch.zeros(1, guide.vocab_size)
     guide.apply(logits, bitmask, [0])
-    assert torch.isfinite(logits[0, term])
+    assert torch.isfinite(logits[0, term]) and torch.isfinite(logits[0, spaces])
     markers = ["<|im_start|>", tokenizer.pad_token, tokenizer.bos_token, tokenizer.unk_token]
     for marker in markers:
         assert logits[0, tokenizer.convert_tokens_to_ids(marker)] == float("-inf"), marker

@@ -92,7 +92,8 @@ def marker_ids(tokenizer: Any) -> set[int]:
     template = getattr(tokenizer, "chat_template", None) or ""
     template = " ".join(template.values()) if isinstance(template, dict) else template
     for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(added, "special", False) or str(added) in template:
+        text = str(added)  # whitespace runs (added by some code models) also indent templates: not markers
+        if getattr(added, "special", False) or (text.strip() and text in template):
             ids.add(token_id)
     return ids
 
