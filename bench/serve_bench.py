@@ -142,8 +142,7 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medtune.serve.engines.graphs import ForwardGraphs
-    from medtune.serve.engines.kv_batch import PromptRow, RaggedBatch, prefill_inputs
+    from medtune.serve.engines.graphs import ForwardGraphs, prefilled_batch
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(model)
@@ -157,11 +156,7 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
     with torch.inference_mode():
         graphs = ForwardGraphs.build(lm, tok.pad_token_id or 0)  # as the engine builds them
         for rows in (1, 8):
-            batch = RaggedBatch.for_model(lm.config)  # as the engine builds it
-            for ids in prompts[:rows]:
-                ids_t, mask, pos, cache = prefill_inputs([PromptRow(ids)], 0, lm.config)
-                logits = lm(input_ids=ids_t, attention_mask=mask, position_ids=pos, cache=cache).logits
-                batch.add(cache, mask, [PromptRow(ids)], logits[:, -1].argmax(-1))
+            batch = prefilled_batch(lm, prompts[:rows], tok.pad_token_id or 0)  # as the engine builds it
             times = []
             for _ in range(40):
                 t0 = time.perf_counter()

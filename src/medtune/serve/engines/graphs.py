@@ -112,7 +112,7 @@ class ForwardGraphs:
                 empty = _empty_prefix(model)
                 args = _prefill_args(model, prompts(2, 12, shared=4), pad_id, reuse=4, empty=empty)
                 prefill = torch.jit.trace(_Prefill(model), args, check_trace=False)
-                batch = _batch(model, prompts(3, 10), pad_id)
+                batch = prefilled_batch(model, prompts(3, 10), pad_id)
                 ids, mask, pos = batch.decode_inputs()
                 args = (ids, mask, pos, *batch.step_indices(), *batch.stores)
                 decode = torch.jit.trace(_Decode(model, batch.layout), args, check_trace=False)
@@ -146,7 +146,7 @@ class ForwardGraphs:
             seqs = prompts(rows, length, shared=reuse)
             args = _prefill_args(model, seqs, pad_id, reuse, self._empty)
             _same(self._prefill(*args), _Prefill(model)(*args), f"prefill of {rows} x {length} tokens")
-            eager, traced = _batch(model, seqs, pad_id), _batch(model, seqs, pad_id)
+            eager, traced = prefilled_batch(model, seqs, pad_id), prefilled_batch(model, seqs, pad_id)
             for _ in range(3):
                 ids, mask, pos = eager.decode_inputs()
                 want = _Decode(model, eager.layout)(ids, mask, pos, *eager.step_indices(), *eager.stores)
@@ -187,8 +187,9 @@ def _prefill_args(
     return (ids.to(device), prefill_mask(mask, ids.shape[1]), pos.to(device), *kv)
 
 
-def _batch(model: Any, seqs: list[list[int]], pad_id: int) -> RaggedBatch:
-    """`seqs` prefilled eagerly into a new `RaggedBatch`."""
+def prefilled_batch(model: Any, seqs: list[list[int]], pad_id: int) -> RaggedBatch:
+    """`seqs` (token ids) prefilled eagerly together into a new `RaggedBatch`, as the engine would batch
+    them (call under inference mode): tracing, its checks and the serving benchmark start from one."""
     device = next(model.parameters()).device
     rows = [PromptRow(s) for s in seqs]
     ids, mask, pos, cache = prefill_inputs(rows, pad_id, model.config)
