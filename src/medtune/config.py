@@ -123,6 +123,12 @@ class EmbeddedModelConfig(Strict):
     hidden_size: int | None = None
     num_layers: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value heads (grouped-query attention: query heads share them in groups). Fewer "
+        "heads shrink the KV cache a batched decoding step reads. Default: one per query head.",
+    )
     intermediate_size: int | None = None
     vocab_size: int = Field(640, ge=64, description="Tokenizer vocabulary trained on the corpus.")
     split_digits: bool = Field(

@@ -79,6 +79,24 @@ def test_gguf_greedy_generation_equals_the_hf_model(ggufs, tiny_model_dir, quant
     assert _gguf_greedy(ggufs[quant], prompts, tok.eos_token_id) == hf
 
 
+def test_a_grouped_query_model_converts_with_the_same_greedy_output(tiny_model_factory, tmp_path):
+    """Key/value heads shared by query heads (`model.embedded.num_kv_heads`) travel into the GGUF."""
+    from medtune.data.templates import render_chat
+    from medtune.train.models import load_tokenizer
+
+    model_dir = tiny_model_factory("gqa", num_kv_heads=1)
+    (f16,) = export_ggufs(model_dir, tmp_path, ["f16"], name="gqa")
+    meta = read_metadata(f16.path)
+    assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (2, 1)
+    tok = load_tokenizer(model_dir)
+    prompts = [
+        render_chat(r["messages"][:2], tok, add_generation_prompt=True) for r in tiny_chat_records(4, seed=5)
+    ]
+    hf = _hf_greedy(model_dir, prompts)
+    assert all(hf), "the HF model generated nothing: the comparison would be empty"
+    assert _gguf_greedy(f16.path, prompts, tok.eos_token_id) == hf
+
+
 def test_a_gguf_that_tokenizes_differently_is_refused(ggufs, tiny_model_factory):
     from medtune.train.models import load_tokenizer
 

@@ -11,9 +11,12 @@ from medtune.serve.engines.graphs import ForwardGraphs
 from medtune.serve.engines.kv_batch import Prefix, PromptRow, RaggedBatch, prefill_inputs
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+@pytest.fixture(scope="module", params=["heads", "grouped"])
+def model(request, tiny_model_dir, tiny_model_factory):
+    """The tiny model, and one whose two query heads share one key/value head (grouped-query attention:
+    the cache and the traced graphs have other shapes)."""
+    path = tiny_model_dir if request.param == "heads" else tiny_model_factory("gqa", num_kv_heads=1)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 @pytest.fixture(scope="module")

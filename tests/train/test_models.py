@@ -107,11 +107,20 @@ def test_embedded_sizes_and_determinism(tiny_model_factory, tmp_path):
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "intermediate_size": 512,
+        "num_key_value_heads": 4,
     }
     a = tiny_model_factory("a", seed=3)
     b = tiny_model_factory("b", seed=3)
     assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_grouped_query_attention_shares_key_value_heads(tiny_model_factory):
+    path = tiny_model_factory("gqa", size="small", num_kv_heads=1)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 1)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 192 and attention.k_proj.out_features == 48  # one head of 48
 
 
 def test_small_model_is_about_two_million_parameters(tmp_path):
@@ -131,6 +140,8 @@ def test_bad_embedded_configs_fail_clearly(tmp_path):
         build_embedded_model(
             TEXTS, EmbeddedModelConfig(size="tiny", hidden_size=30, num_heads=4), tmp_path / "m"
         )
+    with pytest.raises(ConfigError, match="num_kv_heads 3"):
+        build_embedded_model(TEXTS, EmbeddedModelConfig(size="small", num_kv_heads=3), tmp_path / "m")
     with pytest.raises(ConfigError, match="already a chat-template marker"):
         build_embedded_model(
             TEXTS, EmbeddedModelConfig(size="tiny", symbols=["<|im_start|>"]), tmp_path / "m"

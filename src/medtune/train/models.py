@@ -136,7 +136,7 @@ def _train_sentencepiece(
 
 
 def embedded_dimensions(cfg: EmbeddedModelConfig) -> dict[str, int]:
-    """hidden/layers/heads/mlp of the configured size, with the recipe's explicit overrides applied."""
+    """hidden/layers/heads/kv heads/mlp of the configured size, with the recipe's explicit overrides."""
     hidden, layers, heads, mlp = SIZES[cfg.size]
     dims = {
         "hidden_size": cfg.hidden_size or hidden,
@@ -144,10 +144,16 @@ def embedded_dimensions(cfg: EmbeddedModelConfig) -> dict[str, int]:
         "num_attention_heads": cfg.num_heads or heads,
         "intermediate_size": cfg.intermediate_size or mlp,
     }
+    dims["num_key_value_heads"] = cfg.num_kv_heads or dims["num_attention_heads"]
     if dims["hidden_size"] % dims["num_attention_heads"]:
         raise ConfigError(
             f"model.embedded: hidden_size {dims['hidden_size']} is not a multiple of "
             f"num_heads {dims['num_attention_heads']}"
+        )
+    if dims["num_attention_heads"] % dims["num_key_value_heads"]:
+        raise ConfigError(
+            f"model.embedded: num_heads {dims['num_attention_heads']} is not a multiple of "
+            f"num_kv_heads {dims['num_key_value_heads']} (query heads share key/value heads in equal groups)"
         )
     return dims
 
@@ -198,7 +204,6 @@ def build_embedded_model(
         torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            num_key_value_heads=dims["num_attention_heads"],
             max_position_embeddings=cfg.max_position_embeddings,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
