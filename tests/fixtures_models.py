@@ -25,6 +25,7 @@ import pytest
 __all__ = [
     "tiny_chat_records",
     "tiny_corpus",
+    "tiny_gqa_model_dir",
     "tiny_model_dir",
     "tiny_model_factory",
     "tiny_preference_records",
@@ -134,6 +135,12 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 def tiny_model_dir(tiny_model_factory: Callable[..., Path]) -> Path:
     """A saved tiny embedded model (HF format, chatml, <|im_end|> eos). Treat as read-only."""
     return tiny_model_factory("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_model_dir(tiny_model_factory: Callable[..., Path]) -> Path:
+    """The tiny model with grouped-query attention: its two query heads share one key/value head."""
+    return tiny_model_factory("gqa", num_kv_heads=1)
 
 
 @pytest.fixture(scope="session")

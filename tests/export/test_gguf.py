@@ -79,12 +79,12 @@ def test_gguf_greedy_generation_equals_the_hf_model(ggufs, tiny_model_dir, quant
     assert _gguf_greedy(ggufs[quant], prompts, tok.eos_token_id) == hf
 
 
-def test_a_grouped_query_model_converts_with_the_same_greedy_output(tiny_model_factory, tmp_path):
+def test_a_grouped_query_model_converts_with_the_same_greedy_output(tiny_gqa_model_dir, tmp_path):
     """Key/value heads shared by query heads (`model.embedded.num_kv_heads`) travel into the GGUF."""
     from medtune.data.templates import render_chat
     from medtune.train.models import load_tokenizer
 
-    model_dir = tiny_model_factory("gqa", num_kv_heads=1)
+    model_dir = tiny_gqa_model_dir
     (f16,) = export_ggufs(model_dir, tmp_path, ["f16"], name="gqa")
     meta = read_metadata(f16.path)
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (2, 1)

@@ -111,14 +111,15 @@ def test_traced_and_eager_forward_passes_give_the_same_output(engine, tiny_model
         assert _staggered(eager, reqs) == traced
 
 
-def test_a_grouped_query_model_batches_as_it_decodes_alone(tiny_model_factory):
-    """Query heads sharing key/value heads (`model.embedded.num_kv_heads`, the aria recipe's model): one
-    cached head per row instead of two here, and the same tokens alone, batched, traced or eager."""
-    path = tiny_model_factory("gqa", num_kv_heads=1)
+def test_a_grouped_query_model_batches_as_it_decodes_alone(tiny_gqa_model_dir):
+    """Query heads sharing key/value heads (`model.embedded.num_kv_heads`): one cached head per row
+    instead of two here, and the same tokens alone, batched, traced or eager."""
+    path = tiny_gqa_model_dir
     reqs = [_req(p, max_tokens=30 - 3 * i) for i, p in enumerate(PROMPTS * 2)]
     with _started(path, max_batch_size=8) as eng:
         assert eng._graphs is not None
         alone = [eng.generate_batch([r])[0].token_ids for r in reqs]
+        assert all(alone)
         assert _staggered(eng, reqs) == alone
         assert [store.shape[2] for store in eng._batch.stores] == [1]  # [tensors, rows, heads, ...]
     with _started(path, enforce_eager=True) as eager:

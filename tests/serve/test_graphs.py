@@ -12,10 +12,10 @@ from medtune.serve.engines.kv_batch import Prefix, PromptRow, RaggedBatch, prefi
 
 
 @pytest.fixture(scope="module", params=["heads", "grouped"])
-def model(request, tiny_model_dir, tiny_model_factory):
+def model(request, tiny_model_dir, tiny_gqa_model_dir):
     """The tiny model, and one whose two query heads share one key/value head (grouped-query attention:
     the cache and the traced graphs have other shapes)."""
-    path = tiny_model_dir if request.param == "heads" else tiny_model_factory("gqa", num_kv_heads=1)
+    path = tiny_model_dir if request.param == "heads" else tiny_gqa_model_dir
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
