@@ -154,9 +154,10 @@ def measure_steps(model: Path, records: list[dict]) -> dict[str, float]:
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = {}
     with torch.inference_mode():
-        graphs = ForwardGraphs.build(lm, tok.pad_token_id or 0)  # as the engine builds them
+        pad = tok.pad_token_id or 0
+        graphs = ForwardGraphs.build(lm, pad)  # as the engine builds them
         for rows in (1, 8):
-            batch = prefilled_batch(lm, prompts[:rows], tok.pad_token_id or 0)  # as the engine builds it
+            batch = prefilled_batch(lm, prompts[:rows], pad)  # as the engine builds it
             times = []
             for _ in range(40):
                 t0 = time.perf_counter()

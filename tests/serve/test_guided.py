@@ -96,9 +96,8 @@ def test_domain_terms_stay_writable_inside_constrained_answers(tiny_model_factor
     tokenizer = AutoTokenizer.from_pretrained(model)
     term = tokenizer.convert_tokens_to_ids("valgus_genou")
     assert term in tokenizer.all_special_ids  # what made the old mask forbid it
-    assert (
-        "    " in tokenizer.chat_template
-    )  # an added whitespace run is text too, though the template has it
+    # An added whitespace run is text too, though the template is indented with it.
+    assert "    " in tokenizer.chat_template
     tokenizer.add_tokens(["    "])
     spaces = tokenizer.convert_tokens_to_ids("    ")
     guide = Guide(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])

@@ -1,6 +1,6 @@
 """The transformers engine's forward passes as TorchScript graphs, run without holding Python's GIL.
 
-    graphs = ForwardGraphs.build(model, batch)       # None when the model cannot be traced faithfully
+    graphs = ForwardGraphs.build(model, pad_id)      # None when the model cannot be traced faithfully
     logits = graphs.prefill(ids, mask, pos, cache)   # fills `cache` (a DynamicCache, maybe seeded)
     logits = graphs.decode(ids, mask, pos, batch)    # one token per row of a RaggedBatch
 
