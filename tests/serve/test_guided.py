@@ -114,3 +114,37 @@ def test_domain_terms_stay_writable_inside_constrained_answers(tiny_model_factor
     for marker in markers:
         assert logits[0, tokenizer.convert_tokens_to_ids(marker)] == float("-inf"), marker
     assert matcher.accept_token(term) and matcher.accept_string(' 12.1° > 10°"}') and matcher.is_completed()
+
+
+def _allowed(guide: Guide, *matchers) -> torch.Tensor:
+    """The tokens the guide's mask allows next, per matcher (the rows of one batch, filled together)."""
+    rows = list(range(len(matchers)))
+    bitmask = guide.allocate(len(rows))
+    guide.fill_rows(bitmask, list(zip(rows, matchers, strict=True)))
+    logits = torch.zeros(len(rows), guide.vocab_size)
+    guide.apply(logits, bitmask, rows)
+    return torch.isfinite(logits)
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["string", "string with maxLength"])
+def test_json_strings_never_hold_a_raw_control_character(guide, tiny_model_dir, bounded):
+    """xgrammar 0.2.8's rules for strings with minLength / maxLength let byte tokens such as <0x15> in
+    (invalid JSON: json.loads refuses it); the guide's mask keeps them out of every JSON answer, and
+    leaves them to constraints that may allow them (a regex)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    control = tokenizer.convert_tokens_to_ids("<0x15>")
+    letter = tokenizer.convert_tokens_to_ids("<0x61>")  # "a": allowed in a string
+    string = {"type": "string", "maxLength": 40} if bounded else {"type": "string"}
+    constraint = Constraint("json_schema", {"type": "object", "properties": {"j": string}, "required": ["j"]})
+    raw = guide.matcher(constraint)
+    assert raw.accept_string('{"j": "a')
+    assert raw.accept_token(control) == bounded  # what xgrammar itself allows
+    matcher = guide.matcher(constraint)
+    assert matcher.accept_string('{"j": "a')
+    allowed = _allowed(guide, matcher)[0]
+    assert not allowed[control] and allowed[letter]
+    regex = guide.matcher(Constraint("regex", "a[\\x00-\\x7f]b"))
+    assert regex.accept_string("a")
+    assert _allowed(guide, regex)[0, control]  # not a JSON answer: the grammar decides
+    mixed = _allowed(guide, regex, matcher)  # both kinds in one batch
+    assert mixed[0, control] and not mixed[1, control] and mixed[1, letter]

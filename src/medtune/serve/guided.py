@@ -98,6 +98,22 @@ def marker_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+class Matcher(xgr.GrammarMatcher):
+    """An xgrammar matcher that knows whether its constraint is JSON (`Guide.fill_rows` masks more)."""
+
+    json = False
+
+
+def _and_mask(forbidden: set[int], vocab_size: int) -> torch.Tensor:
+    """The bitmask words that clear `forbidden` tokens when ANDed in: bit i of word w is token 32 * w + i
+    (int32 words, as xgrammar's bitmasks)."""
+    keep = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
+    for i in forbidden:
+        if 0 <= i < vocab_size:
+            keep[i // 32] &= ~(1 << (i % 32)) & 0xFFFFFFFF
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in keep], dtype=torch.int32)
+
+
 class Guide:
     """Compiles constraints for one tokenizer (cached by constraint) and masks logits for a batch."""
 
@@ -108,13 +124,13 @@ class Guide:
         )
         self.vocab_size = vocab_size
         special = marker_ids(tokenizer) - set(stop_token_ids)
-        # Folded into the bitmask as an AND mask: bit i of word w is token 32 * w + i (int32 words).
-        keep = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
-        for i in special:
-            if 0 <= i < vocab_size:
-                keep[i // 32] &= ~(1 << (i % 32)) & 0xFFFFFFFF
-        self._keep = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in keep], dtype=torch.int32)
-        self._has_forbidden = any(w != 0xFFFFFFFF for w in keep)
+        self._keep = _and_mask(special, vocab_size)
+        self._has_forbidden = bool((self._keep != -1).any())
+        # Compact JSON has no raw control character anywhere (inside strings they are escaped), but
+        # xgrammar 0.2.8's rules for strings with minLength / maxLength admit any character but `"`, `\`,
+        # CR and LF: tokens holding a byte below 0x20 are forbidden in JSON answers here.
+        control = {i for i, b in enumerate(info.decoded_vocab[:vocab_size]) if any(c < 0x20 for c in b)}
+        self._json_keep = _and_mask(special | (control - set(stop_token_ids)), vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
@@ -176,18 +192,20 @@ class Guide:
             ) from None
         raise BadRequest(f"unknown constraint kind {c.kind!r}", param="response_format")
 
-    def matcher(self, constraint: Constraint) -> xgr.GrammarMatcher:
+    def matcher(self, constraint: Constraint) -> Matcher:
         """A fresh matcher (one per request)."""
-        return xgr.GrammarMatcher(self.compile(constraint))
+        matcher = Matcher(self.compile(constraint))
+        matcher.json = constraint.kind in ("json_schema", "json_object")
+        return matcher
 
     def allocate(self, batch_size: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
 
-    def fill(self, bitmask: torch.Tensor, row: int, matcher: xgr.GrammarMatcher) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, matcher: Matcher) -> None:
         """Write the tokens `matcher` allows next (special tokens never) into `bitmask[row]`."""
         self.fill_rows(bitmask, [(row, matcher)])
 
-    def fill_rows(self, bitmask: torch.Tensor, matchers: list[tuple[int, xgr.GrammarMatcher]]) -> None:
+    def fill_rows(self, bitmask: torch.Tensor, matchers: list[tuple[int, Matcher]]) -> None:
         """`fill` for several rows of one batch, in one call into xgrammar (on the calling thread), and
         the special-token mask applied once for all."""
         if not matchers:
@@ -197,8 +215,14 @@ class Guide:
             batcher = self._batchers.matcher = xgr.BatchGrammarMatcher(max_threads=1)
         rows = [row for row, _ in matchers]
         batcher.batch_fill_next_token_bitmask([m for _, m in matchers], bitmask, indices=rows)
+        json_rows = [row for row, m in matchers if getattr(m, "json", False)]
+        if json_rows and json_rows == list(range(len(json_rows))) and len(json_rows) == len(rows):
+            bitmask[: len(rows)] &= self._json_keep  # the usual batch: every row a JSON answer, one call
+            return
         if self._has_forbidden:
             bitmask[: max(rows) + 1] &= self._keep
+        if json_rows:
+            bitmask[json_rows] &= self._json_keep
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""
