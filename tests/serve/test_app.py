@@ -82,6 +82,15 @@ def test_streamed_text_equals_the_plain_answer_at_temperature_zero(live_server):
                      json={**kwargs, "stream": True}, timeout=60)  # fmt: skip
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.rstrip().endswith("data: [DONE]")
+    # A constrained answer too: jump-forward decoding streams the forced JSON with the sampled tokens.
+    kwargs = dict(kwargs, max_tokens=ARIA.max_tokens, response_format=ARIA.response_format())
+    plain = client.chat.completions.create(**kwargs)
+    streamed = client.chat.completions.create(**kwargs, stream=True)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        == plain.choices[0].message.content
+    )
+    assert plain.choices[0].message.content.startswith('{"')
 
 
 def test_200_diagnoses_with_random_measurements_all_validate(live_server):

@@ -50,9 +50,10 @@ def test_every_option_also_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MEDTUNE_API_KEY", "from-env")
     monkeypatch.setenv("MEDTUNE_PORT", "9000")
     monkeypatch.setenv("MEDTUNE_ENFORCE_EAGER", "true")
+    monkeypatch.setenv("MEDTUNE_JUMP_FORWARD", "false")
     settings = ServeSettings()
     assert (settings.max_queue, settings.api_key, settings.port) == (3, "from-env", 9000)
-    assert settings.enforce_eager
+    assert settings.enforce_eager and not settings.jump_forward
 
 
 def test_serve_refuses_a_missing_model_without_a_traceback(capsys, tmp_path):
@@ -107,3 +108,35 @@ def test_a_gguf_model_picks_the_llamacpp_engine_unless_told_otherwise():
     explicit = args(model="m.gguf", engine="transformers")
     assert choose_engine(explicit, ServeSettings(), {}) == "transformers"  # then its own error says why
     assert choose_engine(args(), ServeSettings(), {"model": "x.gguf", "engine": "transformers"}) == "llamacpp"
+
+
+def test_engine_switches_reach_the_engine(monkeypatch, tiny_model_dir):
+    """--no-jump-forward, --no-overlap-prefill, --no-prefix-caching and --enforce-eager end up in the
+    options the engine is created with (stopped there: no server is started)."""
+    import medtune.serve.engines as engines
+
+    seen = {}
+
+    def create(name, model, adapters=None, options=None):
+        seen.update(name=name, options=options)
+        raise ModelError("stop before loading")
+
+    monkeypatch.setattr(engines, "create_engine", create)
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 2
+    on = seen["options"]
+    assert (on.jump_forward, on.overlap_prefill, on.prefix_caching, on.enforce_eager) == (
+        True,
+        True,
+        True,
+        False,
+    )
+    flags = ["--no-jump-forward", "--no-overlap-prefill", "--no-prefix-caching", "--enforce-eager"]
+    assert main(["serve", "--model", str(tiny_model_dir), *flags]) == 2
+    off = seen["options"]
+    assert seen["name"] == "transformers"
+    assert (off.jump_forward, off.overlap_prefill, off.prefix_caching, off.enforce_eager) == (
+        False,
+        False,
+        False,
+        True,
+    )

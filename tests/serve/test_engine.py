@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from medtune.serve.engines import EngineOptions, create_engine
 from medtune.serve.engines.base import Constraint, GenerationRequest, SamplingParams
@@ -344,3 +345,101 @@ def test_base_requests_give_the_same_output_with_and_after_adapters(served_model
         assert engine.generate_batch([req])[0].token_ids == want  # base rows, eager beside the adapter
         engine.unload_adapter("spec")
         assert engine.generate_batch([req])[0].token_ids == want  # through the graphs again
+
+
+ARIA_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "pathologie": {"enum": ["Syndrome fémoro-patellaire (SFP)", "Syndrome bandelette ilio-tibiale (SBIT)",
+                                "Périostite tibiale", "Fasciite plantaire"]},
+        "confiance": {"enum": ["élevée", "modérée", "faible"]},
+        "justification": {"type": "string", "maxLength": 40},
+    },
+    "required": ["pathologie", "confiance", "justification"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def _diagnoses(n: int, **sampling) -> list[GenerationRequest]:
+    sampling.setdefault("temperature", 0.0)
+    return [
+        GenerationRequest(messages=[{"role": "user", "content": p}], constraint=Constraint("json_schema", ARIA_SCHEMA),
+                          sampling=SamplingParams(max_tokens=120, **sampling))
+        for p in (PROMPTS * 3)[:n]
+    ]  # fmt: skip
+
+
+def test_jump_forward_feeds_the_tokens_the_grammar_forces(tiny_sft_model_dir):
+    """Keys and the rest of an enum value once its first token decided it are not decoded one by one:
+    they are the canonical tokens of the forced text (the opening brace and first key fed with the
+    prompt), and valid answers come out the same alone and batched. (Whether they equal the answers
+    decoded token by token depends on the model writing the tokenizer's own split: a trained model does,
+    this 16-step one not always; `test_jump_forward_gives_every_path_the_same_tokens` checks equality on
+    text that has one split only.)"""
+    reqs = _diagnoses(6)
+    with _started(tiny_sft_model_dir, max_batch_size=4) as engine:
+        alone = [engine.generate_batch([r])[0] for r in reqs]
+        per_request = engine.forced_tokens / len(reqs)
+        staggered = _staggered(engine, reqs)
+        tokenizer = engine.tokenizer
+    opening = tokenizer('{"pathologie": "', add_special_tokens=False)["input_ids"][:-1]
+    for r in alone:
+        value = json.loads(r.text)
+        assert value["confiance"] in ARIA_SCHEMA["properties"]["confiance"]["enum"]
+        assert r.token_ids[: len(opening)] == opening
+    assert per_request >= 6  # at least the first key's and the two later keys' tokens
+    assert staggered == [r.token_ids for r in alone]
+
+
+def test_no_jump_forward_for_requests_that_want_logprobs(engine):
+    req = _diagnoses(1, logprobs=True)[0]
+    before = engine.forced_tokens
+    r = engine.generate_batch([req])[0]
+    assert engine.forced_tokens == before
+    assert len(r.logprobs) == r.completion_tokens  # every token decoded, each with its log-probability
+
+
+def test_penalties_count_the_tokens_forced_before_the_prefill(engine):
+    """A frequency penalty sees the forced opening tokens too (they are part of the answer)."""
+    req = _diagnoses(1, frequency_penalty=2.0, presence_penalty=1.0)[0]
+    before = engine.forced_tokens
+    r = engine.generate_batch([req])[0]
+    assert engine.forced_tokens > before
+    json.loads(r.text)  # still a valid answer
+
+
+# Text with one tokenisation only (byte tokens, no merge covers them): the forced tokens are the ones
+# any model must write, so output is the same with and without jump-forward, and the free letters after
+# them depend on their keys and values.
+ONE_WAY = Constraint("regex", "§¤§ [a-z]{3}§¤§¤§¤[a-z]{3}§¤§¤ [a-z]{16}")
+
+
+def _random_adapter(model_dir, out):
+    """A LoRA adapter with random weights on every linear layer (its rows decode differently)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out)
+    return str(out)
+
+
+def test_jump_forward_gives_every_path_the_same_tokens(tiny_model_dir, tmp_path):
+    """Forced tokens go through the traced graph, eagerly (`enforce_eager`), and through PEFT while an
+    adapter is loaded (each row with its own adapter): the same tokens as decoding them one by one."""
+    sampling = SamplingParams(temperature=0.0, max_tokens=40)
+    req = GenerationRequest(prompt=PROMPTS[0], constraint=ONE_WAY, sampling=sampling)
+    rnd = GenerationRequest(prompt=PROMPTS[1], constraint=ONE_WAY, sampling=sampling, adapter="rnd")
+    adapters = {"rnd": _random_adapter(tiny_model_dir, tmp_path / "rnd")}
+    with _started(tiny_model_dir, adapters=adapters, jump_forward=False) as plain:
+        want = [r.token_ids for r in plain.generate_batch([req, rnd])]
+        assert plain.forced_tokens == 0
+    for options in ({}, {"enforce_eager": True}):
+        with _started(tiny_model_dir, **options) as engine:
+            assert engine.generate_batch([req])[0].token_ids == want[0]
+            assert engine.forced_tokens >= 15
+    with _started(tiny_model_dir, adapters=adapters) as engine:
+        assert [r.token_ids for r in engine.generate_batch([req, rnd])] == want
+        assert engine.forced_tokens >= 30

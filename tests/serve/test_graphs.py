@@ -94,6 +94,37 @@ def test_decoding_steps_match_the_eager_model_as_rows_join_and_leave(model, grap
     assert len(set(columns)) > 1
 
 
+def test_tokens_appended_together_match_the_eager_model(model, graphs):
+    """Jump-forward decoding's forward pass (several tokens for some rows, right-padded) as a graph: the
+    same keys and values as eagerly, so the next step gives the same logits."""
+    rows = [PromptRow(p) for p in _prompts(model, [6, 21, 13])]
+    batches = []
+    (want, want_cache, mask), (_, got_cache, _) = _prefill(model, graphs, rows)
+    for cache in (want_cache, got_cache):
+        batch = RaggedBatch.for_model(model.config)
+        batch.add(cache, mask, rows, want.argmax(-1))
+        batches.append(batch)
+    forced = _prompts(model, [7, 2])
+    for traced, batch in zip((False, True), batches, strict=True):
+        ids, mask4, columns, at = batch.extend_inputs([0, 2], forced, pad_id=0)
+        with torch.inference_mode():
+            if traced:
+                graphs.extend(ids, mask4, columns, at, batch)
+            else:
+                cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, mask4.shape[-1],
+                                               several=True)  # fmt: skip
+                model(input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True)
+        batch.extended([0, 2], [7, 2])
+    eager, traced = batches
+    assert eager.lengths.tolist() == traced.lengths.tolist() == [6 + 7, 21, 13 + 2]
+    with torch.inference_mode():
+        ids, mask, pos = eager.decode_inputs()
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=eager.cache,
+                     use_cache=True).logits[:, -1]  # fmt: skip
+        got = graphs.decode(*traced.decode_inputs(), traced)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 class Branchy(LlamaForCausalLM):
     """A model whose Python code takes another path for two rows: a trace keeps only one path."""
 

@@ -119,6 +119,38 @@ def test_buffers_grow_when_a_row_outgrows_them(model):
     assert torch.allclose(logits[1], reference[-1], atol=1e-4)
 
 
+def _last_logits(model, ids: list[int]) -> torch.Tensor:
+    """Reference without any cache: the whole sequence in one forward pass."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_tokens_appended_together_decode_as_if_decoded_one_by_one(model):
+    """Jump-forward decoding: some rows get several tokens in one forward pass (right-padded to the
+    longest, one needing wider buffers); the next step's logits are those of the whole sequence."""
+    rows = [PromptRow(p) for p in _prompts(model, [7, 19, 12])]
+    cache, mask, first = _prefill(model, rows)
+    batch = RaggedBatch.for_model(model.config)
+    batch.add(cache, mask, rows, first)
+    room = batch.stores[0].shape[3]
+    forced = {0: _prompts(model, [3])[0], 2: _prompts(model, [room])[0]}  # row 2 outgrows the buffers
+    pending = [[int(first[i]), *forced[i][:-1]] for i in forced]  # in the cache yet: the first token
+    ids, mask4, columns, at = batch.extend_inputs(list(forced), pending, pad_id=0)
+    assert ids.shape == (2, room) and (ids[0, 3:] == 0).all()  # the shorter row is padded
+    cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, mask4.shape[-1], several=True)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True)
+    batch.extended(list(forced), [len(p) for p in pending])
+    assert batch.lengths.tolist() == [7 + 3, 19, 12 + room] and batch.stores[0].shape[3] > room
+    nxt = [forced[0][-1], int(first[1]), forced[2][-1]]
+    batch.next = torch.tensor(nxt)
+    logits = _step(model, batch)
+    fed = {0: pending[0], 2: pending[1]}
+    for i, row in enumerate(rows):
+        want = _last_logits(model, row.prompt_ids + fed.get(i, []) + [nxt[i]])
+        assert torch.allclose(logits[i], want, atol=1e-4), f"row {i}"
+
+
 def test_models_with_sliding_window_layers_use_fixed_batches(tiny_sliding_window_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_sliding_window_model_dir).eval()
     assert not plain_layers(new_cache(model.config))

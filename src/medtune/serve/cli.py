@@ -47,6 +47,7 @@ class ServeSettings(Settings):
     prefix_caching: bool = True
     overlap_prefill: bool = True
     enforce_eager: bool = False
+    jump_forward: bool = True
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = None
 
@@ -158,7 +159,7 @@ def serve(args: argparse.Namespace) -> int:
         max_model_len=opt("max_model_len"), max_batch_size=opt("max_batch_size"), max_queue=opt("max_queue"),
         dtype=opt("dtype"), device=opt("device"), threads=opt("threads"), log_prompts=log_prompts,
         prefix_caching=opt("prefix_caching"), overlap_prefill=opt("overlap_prefill"),
-        enforce_eager=opt("enforce_eager"),
+        enforce_eager=opt("enforce_eager"), jump_forward=opt("jump_forward"),
     )  # fmt: skip
     engine = create_engine(engine_name, model, adapters=adapters, options=options)
     engine.start()
@@ -243,6 +244,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
                    help="run the model's forward passes eagerly (default: as TorchScript graphs that run "
                         "without the GIL, when the model traces faithfully and no adapter is loaded; with vLLM: no CUDA graphs)")  # fmt: skip
+    p.add_argument("--no-jump-forward", dest="jump_forward", action="store_false", default=None,
+                   help="decode every token of a constrained answer (default: the tokens the grammar forces, "
+                        "such as a JSON schema's keys, are fed to the model without decoding them one by one)")  # fmt: skip
     p.add_argument("--log-prompts", dest="log_prompts", action="store_true", default=None,
                    help="log prompts and completions (medical data: off by default)")  # fmt: skip
     g = p.add_argument_group("vLLM engine (GPU)")

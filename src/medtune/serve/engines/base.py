@@ -62,6 +62,7 @@ class EngineOptions:
     prefix_caching: bool = True  # reuse the cache of a prompt's start shared with the previous prompt
     overlap_prefill: bool = True  # CPU: prefill on a second thread while decoding (when cores allow two)
     enforce_eager: bool = False  # transformers: no traced forward passes (graphs.py), eager ones only
+    jump_forward: bool = True  # transformers: grammar-forced tokens are fed, not decoded one by one
 
 
 @dataclass

@@ -3,6 +3,7 @@
     graphs = ForwardGraphs.build(model, pad_id)      # None when the model cannot be traced faithfully
     logits = graphs.prefill(ids, mask, pos, cache)   # fills `cache` (a DynamicCache, maybe seeded)
     logits = graphs.decode(ids, mask, pos, batch)    # one token per row of a RaggedBatch
+    graphs.extend(ids, mask, columns, rows, batch)   # several tokens for some rows (jump-forward)
 
 Why: every eager torch call releases the GIL for its kernel and takes it back after, so a decoding
 thread beside a busy prefill thread (or the HTTP event loop) waits for the GIL hundreds of times per
@@ -81,12 +82,30 @@ class _Decode(torch.nn.Module):
         return out.logits[:, -1]
 
 
+class _Extend(torch.nn.Module):
+    """Several tokens for some rows of a `RaggedBatch` (jump-forward decoding: tokens the grammar forced)
+    -> keys and values written into the batch's stores (the logits are not used)."""
+
+    def __init__(self, model: Any, layout: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = layout
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
+                *stores: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        cache = RaggedBatch.cache_over(stores, self.layout, rows, columns, mask.shape[-1], several=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1]
+
+
 class ForwardGraphs:
     """The traced prefill and decoding forward passes of one model (see the module docstring)."""
 
-    def __init__(self, prefill: Any, decode: Any, empty: list[torch.Tensor]) -> None:
+    def __init__(self, prefill: Any, decode: Any, extend: Any, empty: list[torch.Tensor]) -> None:
         self._prefill = prefill
         self._decode = decode
+        self._extend = extend
         self._empty = empty  # per layer, zero-token keys and values: an unseeded prefill's prefix
 
     @classmethod
@@ -116,7 +135,10 @@ class ForwardGraphs:
                 ids, mask, pos = batch.decode_inputs()
                 args = (ids, mask, pos, *batch.step_indices(), *batch.stores)
                 decode = torch.jit.trace(_Decode(model, batch.layout), args, check_trace=False)
-            graphs = cls(prefill, decode, empty)
+                ids, mask, columns, rows = batch.extend_inputs([0, 2], prompts(2, 6), pad_id)
+                args = (ids, mask, columns, rows, *batch.stores)
+                extend = torch.jit.trace(_Extend(model, batch.layout), args, check_trace=False)
+            graphs = cls(prefill, decode, extend, empty)
             graphs._check(model, pad_id, prompts)
         except Exception as exc:  # a model the tracer cannot follow: eager forward passes
             log.info("forward passes stay eager (tracing failed: %s: %s)", type(exc).__name__, exc)
@@ -140,6 +162,17 @@ class ForwardGraphs:
         """Last-position logits of a decoding step (inputs from `batch.decode_inputs()`)."""
         return self._decode(ids, mask, pos, *batch.step_indices(), *batch.stores)
 
+    def extend(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        columns: torch.Tensor,
+        rows: torch.Tensor,
+        batch: RaggedBatch,
+    ) -> None:
+        """Write the keys and values of several tokens for some rows (inputs from `batch.extend_inputs`)."""
+        self._extend(ids, mask, columns, rows, *batch.stores)
+
     def _check(self, model: Any, pad_id: int, prompts: Any) -> None:
         """Compare with the eager model on other sizes than the traced ones; raise on a difference."""
         for rows, length, reuse in ((1, 20, 0), (3, 16, 5)):
@@ -154,6 +187,17 @@ class ForwardGraphs:
                 _same((got,), (want,), f"decoding step of {rows} rows")
                 eager.advance(want.argmax(-1))
                 traced.advance(want.argmax(-1))
+            # Jump-forward: a few tokens for the first and last rows; the next step must see them.
+            extended = sorted({0, rows - 1})
+            forced = prompts(len(extended), 5)
+            for batch, graph in ((eager, _Extend(model, eager.layout)), (traced, self._extend)):
+                ids, mask, columns, at = batch.extend_inputs(extended, forced, pad_id)
+                graph(ids, mask, columns, at, *batch.stores)
+                batch.extended(extended, [len(t) for t in forced])
+            ids, mask, pos = eager.decode_inputs()
+            want = _Decode(model, eager.layout)(ids, mask, pos, *eager.step_indices(), *eager.stores)
+            got = self.decode(*traced.decode_inputs(), traced)
+            _same((got,), (want,), f"decoding step of {rows} rows after extending {len(extended)}")
 
 
 def _empty_prefix(model: Any) -> list[torch.Tensor]:

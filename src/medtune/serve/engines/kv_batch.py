@@ -16,7 +16,8 @@ a row's numbers do not depend on its neighbours (greedy output is the same alone
 preallocated buffers [rows, heads, columns, dim]: row i holds its tokens in columns [0, len_i), with
 no padding, and a decoding step writes each row's new key and value at its own column, in place.
 Joining copies only the new rows in; a finished row's slot is refilled with the last row (one row
-copied). The mask is each row's own length. transformers' `DynamicLayer` instead copies the whole
+copied). The mask is each row's own length. Jump-forward decoding appends several tokens to some rows
+in one forward pass (`extend_inputs`, `extended`), in place as well. transformers' `DynamicLayer` instead copies the whole
 cache every step (`torch.cat`), and merging left-padded caches copies it at every join and departure:
 measured on the embedded model with 8 clients, those copies were ~4 ms of the ~25 ms each request
 cost the decoding thread.
@@ -43,7 +44,7 @@ class PromptRow:
     is done (to prefill prompts outside the engine: tracing, tests, benchmarks)."""
 
     def __init__(self, prompt_ids: list[int]) -> None:
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = self.prefill_ids = prompt_ids
         self.finished = False
 
 
@@ -59,7 +60,7 @@ class Prefix:
         token of its own to prefill: its logits give the first output token)."""
         shared = len(self.ids)
         for s in seqs:
-            shared = min(shared, common_prefix(self.ids, s.prompt_ids), len(s.prompt_ids) - 1)
+            shared = min(shared, common_prefix(self.ids, s.prefill_ids), len(s.prefill_ids) - 1)
         return shared
 
     @classmethod
@@ -68,7 +69,7 @@ class Prefix:
         cols = mask[row].nonzero().flatten().to(cache.layers[0].keys.device)
         layers = [(layer.keys[row].index_select(1, cols), layer.values[row].index_select(1, cols))
                   for layer in cache.layers]  # fmt: skip
-        return cls(list(seq.prompt_ids), layers)
+        return cls(list(seq.prefill_ids), layers)
 
 
 def prefill_inputs(
@@ -79,7 +80,7 @@ def prefill_inputs(
     With `prefix` and `reuse` > 0, the first `reuse` tokens of every prompt (shared with `prefix`) are
     not computed again: the cache starts with their keys and values, and only the rest of each prompt
     is fed, left-padded after them (the mask hides the padding, positions continue from `reuse`)."""
-    rest = [s.prompt_ids[reuse:] for s in seqs]
+    rest = [s.prefill_ids[reuse:] for s in seqs]
     width = max(len(r) for r in rest)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), reuse + width), dtype=torch.long)
@@ -140,13 +141,21 @@ class RaggedLayer(DynamicLayer):
         self.rows = torch.zeros(0, dtype=torch.long)  # set by the batch before each step:
         self.columns = torch.zeros(0, dtype=torch.long)  # where each row's new token goes
         self.width = 1  # columns the step attends to (the longest row, new token included)
+        self.several = False  # several tokens for some rows: `rows` [k] any, `columns` [k, tokens]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.buffers
+        if self.several:  # jump-forward: rows[i] gets its tokens at columns[i, :]
+            rows = self.rows[:, None]
+            keys[rows, :, self.columns] = key_states.transpose(1, 2)
+            values[rows, :, self.columns] = value_states.transpose(1, 2)
+            self.keys = keys[:, :, : self.width].index_select(0, self.rows)
+            self.values = values[:, :, : self.width].index_select(0, self.rows)
+            return self.keys, self.values
         if key_states.shape[-2] != 1:
             raise ValueError("a RaggedLayer takes one new token per row (prefill in a DynamicCache)")
-        keys, values = self.buffers
         keys[self.rows, :, self.columns] = key_states[:, :, 0]
         values[self.rows, :, self.columns] = value_states[:, :, 0]
         n = self.rows.shape[0]  # from the tensor, not len(): a traced graph keeps it variable
@@ -217,11 +226,16 @@ class RaggedBatch:
         self.cache = self.cache_over(stores, self.layout)
 
     @staticmethod
-    def cache_over(stores: Any, layout: list) -> DynamicCache:
+    def cache_over(stores: Any, layout: list, rows: Any = None, columns: Any = None, width: Any = None,
+                   several: bool = False) -> DynamicCache:  # fmt: skip
         """A cache of `RaggedLayer`s whose buffers are views of `stores`: layer i's keys are
-        `stores[s][m]` for `(s, m) = layout[i][0]`, its values likewise with `layout[i][1]`."""
+        `stores[s][m]` for `(s, m) = layout[i][0]`, its values likewise with `layout[i][1]`; with `rows`,
+        `columns` and `width`, ready for a step (`several`: an `extend_inputs` one)."""
         cache = DynamicCache()
         cache.layers = [RaggedLayer(*(stores[s][m] for s, m in pair)) for pair in layout]
+        if rows is not None:
+            for layer in cache.layers:
+                layer.rows, layer.columns, layer.width, layer.several = rows, columns, width, several
         return cache
 
     def step_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +278,30 @@ class RaggedBatch:
     def advance(self, nxt: torch.Tensor) -> None:
         self.lengths = self.lengths + 1
         self.next = nxt
+
+    def extend_inputs(
+        self, rows: list[int], tokens: list[list[int]], pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of a forward pass that appends several tokens to some rows (jump-forward decoding):
+        ids [k, L] (right-padded), the 4-D boolean mask [k, 1, L, columns], the column of each token
+        [k, L] (also its position) and the rows' indices [k]. Padding tokens write past their row's end,
+        where nothing reads them and the row's next tokens overwrite them; `extended` then counts the
+        real ones."""
+        width = max(len(t) for t in tokens)
+        lengths = self.lengths[rows]
+        columns = lengths[:, None] + torch.arange(width)[None, :]
+        self._reserve(len(self.rows), int(columns.max()) + 1, [layer.buffers for layer in self.cache.layers])
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
+        mask = torch.arange(int(columns.max()) + 1)[None, None, :] <= columns[:, :, None]
+        device = self.cache.layers[0].device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        return ids.to(device), mask[:, None].to(device), columns.to(device), rows_t
+
+    def extended(self, rows: list[int], counts: list[int]) -> None:
+        """Rows `rows` now hold `counts` more tokens (after a forward pass over `extend_inputs`)."""
+        self.lengths[rows] += torch.tensor(counts, dtype=torch.long)
 
     def drop_finished(self) -> int:
         """Remove finished or cancelled rows: the last running rows move into the freed slots (one row

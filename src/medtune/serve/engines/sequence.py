@@ -5,7 +5,8 @@ to `choose_tokens`, which applies every row's own settings (repetition penalties
 temperature, top-p, seeded sampling) with batched tensor ops where rows agree and per-row ops where
 they differ, then calls `Sequence.append` with each row's token. `append` advances the grammar
 matcher, detokenises incrementally, holds back text that may be the start of a stop string, and
-returns the `StreamDelta` to deliver.
+returns the `StreamDelta` to deliver. `forced_tokens` gives the tokens the grammar forces next
+(jump-forward decoding), which the engine appends without sampling them.
 
 Incremental detokenisation uses the prefix/read-offset scheme of vLLM and TGI: decode a short window
 twice (without and with the new tokens) and emit the difference once it does not end in an incomplete
@@ -57,6 +58,10 @@ class Sequence:
         # The Rust tokenizer's decode directly: the transformers wrapper costs ~10x more per call.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._decode = backend.decode if backend is not None else tokenizer.decode
+        self._encode = backend.encode if backend is not None else None
+        self.jump_forward = False  # set by the engine: feed grammar-forced tokens without sampling them
+        self.pending: list[int] = []  # tokens accepted but not yet in the cache (the next input aside)
+        self.carry: StreamDelta | None = None  # forced before the prefill: delivered with the first token
         self._prefix_offset = 0  # out_ids[_prefix_offset:_read_offset] were decoded last time
         self._read_offset = 0
         self._text = ""  # decoded so far (complete characters)
@@ -85,7 +90,7 @@ class Sequence:
     def append(self, token: int, logprob: TokenLogprob | None) -> StreamDelta | None:
         """Take the chosen token; return the delta to deliver (None when nothing is ready yet)."""
         self.out_ids.append(token)
-        if self.counts is not None:
+        if self.counts is not None and self.counts.numel():  # before `choose_tokens` sizes it: out_ids
             self.counts[token] += 1
         if token in self.eos_ids:
             return self._finish("stop", [token], logprob)
@@ -106,6 +111,53 @@ class Sequence:
         ready = len(self._text) - self._held_back()
         text, self._sent = self._text[self._sent : ready], max(self._sent, ready)
         return self._delta(text, [token], logprob)
+
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar forces next (jump-forward decoding), as the tokenizer would write them.
+
+        xgrammar gives the text every answer must continue with (`find_jump_forward_string`: a JSON key,
+        the rest of an enum value once its first token decided it). Its tokens are those the tokenizer
+        gives it at the end of the answer so far (the split the model was trained on); the last one is
+        left to the model, as it might merge with the free text that follows. Nothing is forced when a
+        token of that tokenisation would straddle the end of the answer so far, or when it does not
+        decode back to the same text."""
+        if not self.jump_forward or self.matcher is None or self._encode is None:
+            return []
+        try:
+            forced = self.matcher.find_jump_forward_string()
+        except UnicodeDecodeError:  # it starts or ends inside a character (byte tokens): decode on
+            return []
+        if not forced:
+            return []
+        done = self._decode(self.out_ids, skip_special_tokens=False)
+        encoding = self._encode(done + forced, add_special_tokens=False)
+        if self._decode(encoding.ids, skip_special_tokens=False) != done + forced:
+            return []
+        cut = len(done)  # the forced text's tokens start there, unless a token straddles it
+        first = next((i for i, (start, _) in enumerate(encoding.offsets) if start >= cut), None)
+        if first is None or any(start < cut < end for start, end in encoding.offsets):
+            return []
+        return encoding.ids[first:-1]
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What the prefill feeds: the prompt and the tokens forced before it (`force_start`)."""
+        return self.prompt_ids + self.out_ids if self.out_ids else self.prompt_ids
+
+    def force_start(self) -> int:
+        """Accept the tokens the grammar forces at the very start (a JSON schema's opening brace and first
+        key), so that the prefill feeds them with the prompt; return how many (none when they would end
+        the answer: a stop string in them, or the token budget). Their text reaches the client with the
+        first sampled token."""
+        forced = self.forced_tokens()
+        if not forced or len(forced) >= self.max_new_tokens:
+            return 0
+        text = self._decode(forced, skip_special_tokens=True)
+        if any(stop in text for stop in self.stops):
+            return 0
+        for token in forced:
+            self.carry = merge_deltas(self.carry, self.append(token, None))
+        return len(forced)
 
     def _detokenize(self, final: bool) -> None:
         """Append the text the new tokens complete (all of it when `final`)."""
@@ -155,6 +207,18 @@ class Sequence:
         return self._text
 
 
+def merge_deltas(first: StreamDelta | None, then: StreamDelta) -> StreamDelta:
+    """One delta for two consecutive ones of a request (`first` is extended in place)."""
+    if first is None:
+        return then
+    first.text += then.text
+    first.token_ids += then.token_ids
+    if then.logprobs is not None:
+        first.logprobs = (first.logprobs or []) + then.logprobs
+    first.finish_reason, first.completion_tokens = then.finish_reason, then.completion_tokens
+    return first
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens `a` and `b` share."""
     n = 0
@@ -193,8 +257,9 @@ def choose_tokens(
     # Repetition penalties (OpenAI semantics: over the generated tokens only).
     for i, s in enumerate(seqs):
         if s.counts is not None:
-            if s.counts.numel() == 0:
-                s.counts = torch.zeros(logits.shape[-1])
+            if s.counts.numel() == 0:  # the tokens so far (forced before the prefill) count too
+                ids = torch.tensor(s.out_ids, dtype=torch.long)
+                s.counts = torch.bincount(ids, minlength=logits.shape[-1]).float()
             logits[i] -= s.sampling.frequency_penalty * s.counts + s.sampling.presence_penalty * (
                 s.counts > 0
             )

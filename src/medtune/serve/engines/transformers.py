@@ -14,6 +14,9 @@ thread prefills between two steps. Both threads run the model as traced graphs, 
 while they compute (`graphs.ForwardGraphs`; not for models that do not trace faithfully, nor while
 LoRA adapters are loaded). Every row keeps its own sampling settings, stop strings, seed, xgrammar
 matcher and LoRA adapter (PEFT mixed-batch forward), so greedy output is the same alone or batched.
+Jump-forward decoding: text a row's grammar forces (a JSON key, the rest of an enum value) is accepted
+at once (`Sequence.forced_tokens`) and its tokens fed in one forward pass before the next step
+(`_extend`); what is forced at the very start goes in with the prompt (`Sequence.force_start`).
 The event loop only tokenises, validates and waits on a per-request queue; the bounded waiting queue
 turns overload into `QueueFull` (HTTP 429).
 
@@ -51,7 +54,13 @@ from medtune.serve.engines.kv_batch import (
     prefill_inputs,
 )
 from medtune.serve.engines.queued import QueuedEngine
-from medtune.serve.engines.sequence import Sequence, choose_tokens, deliver_all, only_stop_allowed
+from medtune.serve.engines.sequence import (
+    Sequence,
+    choose_tokens,
+    deliver_all,
+    merge_deltas,
+    only_stop_allowed,
+)
 from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
@@ -102,6 +111,8 @@ class TransformersEngine(QueuedEngine):
         self._prefixes: dict[str | None, Prefix] = {}
         self._prefix_ok = False  # set at start: plain attention layers only (`plain_layers`)
         self._graphs: ForwardGraphs | None = None  # traced forward passes (no adapter loaded)
+        self.forced_tokens = 0  # tokens jump-forward decoding fed without a decoding step of their own
+        self._stats_lock = threading.Lock()  # counted from the event loop, prefill and decoding threads
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -282,8 +293,15 @@ class TransformersEngine(QueuedEngine):
         matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
         eos = self.eos_ids | self.turn_end_ids if chat else self.eos_ids
         seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos, loop)
+        sampling = req.sampling
+        # Jump-forward needs a batch that takes several tokens per row (a RaggedBatch with SDPA's 4-D masks)
+        # and no log-probabilities (forced tokens have none).
+        seq.jump_forward = (self.options.jump_forward and getattr(self._batch, "mask_4d", False)
+                            and not (sampling.logprobs or sampling.top_logprobs))  # fmt: skip
         if chat and self.turn_end_texts:
             seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
+        if seq.jump_forward:
+            self._count_forced(seq.force_start())
         return seq
 
     # -- scheduler thread ----------------------------------------------------------------------------
@@ -443,24 +461,66 @@ class TransformersEngine(QueuedEngine):
 
     def _decode(self) -> int:
         """One token for every running row; return how many rows finished."""
+        self._extend()
         ids, mask, pos = self._batch.decode_inputs()
         logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows, prefill=False)
         self._batch.advance(self._step(self._batch.rows, logits, self._bitmask))
         return self._batch.drop_finished()
 
+    def _extend(self) -> None:
+        """Put the tokens jump-forward decoding accepted (`Sequence.pending`) into their rows' cache: one
+        forward pass for all such rows, before the step that decodes their next token."""
+        batch = self._batch
+        rows = [i for i, seq in enumerate(batch.rows) if seq.pending and not seq.finished]
+        if not rows:
+            return
+        seqs = [batch.rows[i] for i in rows]
+        ids, mask, columns, at = batch.extend_inputs(rows, [s.pending for s in seqs], self.pad_id)
+        if self._graphs is not None and not self.adapters.paths:
+            self._graphs.extend(ids, mask, columns, at, batch)
+        else:
+            cache = RaggedBatch.cache_over(
+                batch.stores, batch.layout, at, columns, mask.shape[-1], several=True
+            )
+            with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
+                self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
+                                    use_cache=True, logits_to_keep=1,
+                                    **self.adapters.forward_kwargs([s.req.adapter for s in seqs]))  # fmt: skip
+        batch.extended(rows, [len(s.pending) for s in seqs])
+        for seq in seqs:
+            seq.pending = []
+
+    def _count_forced(self, n: int) -> None:
+        if n:
+            with self._stats_lock:
+                self.forced_tokens += n
+
     def _step(self, seqs: list[Sequence], logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-        """Choose, record and deliver each row's next token; return the tokens (the next inputs)."""
+        """Choose, record and deliver each row's next token; return the tokens (the next inputs).
+
+        With jump-forward decoding, the tokens the grammar then forces are accepted too: the last one
+        becomes the row's next input, the others wait in `pending` for `_extend`."""
         chosen = choose_tokens(logits, seqs, self.guide, bitmask, self.tokenizer)
         out = []
+        nxt = [token for token, _ in chosen]
         for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
             if seq.cancelled:
                 continue
-            delta = seq.append(token, logprob)
+            delta = merge_deltas(seq.carry, seq.append(token, logprob))
+            seq.carry = None
+            forced = [] if seq.finished else seq.forced_tokens()
+            accepted = 0
+            for f in forced:
+                delta = merge_deltas(delta, seq.append(f, None))
+                accepted += 1
+                if seq.finished:
+                    break
+            self._count_forced(accepted)
+            if forced and not seq.finished:
+                seq.pending, nxt[i] = [token, *forced[:-1]], forced[-1]
             if not seq.finished and only_stop_allowed(self.guide, bitmask, i, seq, self.vocab):
                 # The answer is complete; skip the forward pass that could only produce a stop token.
-                done = seq.finish_completed()
-                delta.text += done.text
-                delta.finish_reason = done.finish_reason
+                delta = merge_deltas(delta, seq.finish_completed())
             out.append((seq, delta))
         deliver_all(out)
-        return torch.tensor([t for t, _ in chosen], dtype=torch.long)
+        return torch.tensor(nxt, dtype=torch.long)
