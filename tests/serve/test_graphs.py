@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from medtune.serve.engines.graphs import ForwardGraphs
-from medtune.serve.engines.kv_batch import Prefix, PromptRow, RaggedBatch, prefill_inputs
+from medtune.serve.engines.kv_batch import Prefix, PromptRow, RaggedBatch, last_logits, prefill_inputs
 
 
 @pytest.fixture(scope="module", params=["heads", "grouped"])
@@ -96,7 +96,8 @@ def test_decoding_steps_match_the_eager_model_as_rows_join_and_leave(model, grap
 
 def test_tokens_appended_together_match_the_eager_model(model, graphs):
     """Jump-forward decoding's forward pass (several tokens for some rows, right-padded) as a graph: the
-    same keys and values as eagerly, so the next step gives the same logits."""
+    same logits after each row's last token and the same keys and values as eagerly, so the next step
+    gives the same logits too."""
     rows = [PromptRow(p) for p in _prompts(model, [6, 21, 13])]
     batches = []
     (want, want_cache, mask), (_, got_cache, _) = _prefill(model, graphs, rows)
@@ -105,16 +106,21 @@ def test_tokens_appended_together_match_the_eager_model(model, graphs):
         batch.add(cache, mask, rows, want.argmax(-1))
         batches.append(batch)
     forced = _prompts(model, [7, 2])
+    after = []
     for traced, batch in zip((False, True), batches, strict=True):
-        ids, mask4, columns, at = batch.extend_inputs([0, 2], forced, pad_id=0)
+        ids, mask4, columns, at, last = batch.extend_inputs([0, 2], forced, pad_id=0)
         with torch.inference_mode():
             if traced:
-                graphs.extend(ids, mask4, columns, at, batch)
+                after.append(graphs.extend(ids, mask4, columns, at, last, batch))
             else:
                 cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, mask4.shape[-1],
                                                several=True)  # fmt: skip
-                model(input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True)
-        batch.extended([0, 2], [7, 2])
+                out = model(
+                    input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True
+                )
+                after.append(last_logits(out.logits, last))
+        batch.extended([0, 2], [7, 2], after[0].argmax(-1))
+    assert torch.allclose(after[1], after[0], atol=1e-5)
     eager, traced = batches
     assert eager.lengths.tolist() == traced.lengths.tolist() == [6 + 7, 21, 13 + 2]
     with torch.inference_mode():

@@ -11,6 +11,7 @@ from medtune.serve.engines.kv_batch import (
     FixedBatch,
     PromptRow,
     RaggedBatch,
+    last_logits,
     new_cache,
     plain_layers,
     prefill_inputs,
@@ -127,25 +128,28 @@ def _last_logits(model, ids: list[int]) -> torch.Tensor:
 
 def test_tokens_appended_together_decode_as_if_decoded_one_by_one(model):
     """Jump-forward decoding: some rows get several tokens in one forward pass (right-padded to the
-    longest, one needing wider buffers); the next step's logits are those of the whole sequence."""
+    longest, one needing wider buffers); the logits after each row's last token, and the next step's
+    logits, are those of the whole sequence."""
     rows = [PromptRow(p) for p in _prompts(model, [7, 19, 12])]
     cache, mask, first = _prefill(model, rows)
     batch = RaggedBatch.for_model(model.config)
     batch.add(cache, mask, rows, first)
     room = batch.stores[0].shape[3]
     forced = {0: _prompts(model, [3])[0], 2: _prompts(model, [room])[0]}  # row 2 outgrows the buffers
-    pending = [[int(first[i]), *forced[i][:-1]] for i in forced]  # in the cache yet: the first token
-    ids, mask4, columns, at = batch.extend_inputs(list(forced), pending, pad_id=0)
-    assert ids.shape == (2, room) and (ids[0, 3:] == 0).all()  # the shorter row is padded
+    fed = {i: [int(first[i]), *forced[i]] for i in forced}  # the first token is not in the cache yet
+    ids, mask4, columns, at, last = batch.extend_inputs(list(fed), list(fed.values()), pad_id=0)
+    assert ids.shape == (2, room + 1) and (ids[0, 4:] == 0).all()  # the shorter row is padded
     cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, mask4.shape[-1], several=True)
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True)
-    batch.extended(list(forced), [len(p) for p in pending])
-    assert batch.lengths.tolist() == [7 + 3, 19, 12 + room] and batch.stores[0].shape[3] > room
-    nxt = [forced[0][-1], int(first[1]), forced[2][-1]]
-    batch.next = torch.tensor(nxt)
+        out = model(input_ids=ids, attention_mask=mask4, position_ids=columns, cache=cache, use_cache=True)
+    after = last_logits(out.logits, last)
+    for k, (i, tokens) in enumerate(fed.items()):
+        assert torch.allclose(after[k], _last_logits(model, rows[i].prompt_ids + tokens), atol=1e-4)
+    batch.extended(list(fed), [len(t) for t in fed.values()], after.argmax(-1))
+    assert batch.lengths.tolist() == [7 + 4, 19, 12 + room + 1] and batch.stores[0].shape[3] > room
+    nxt = batch.next.tolist()
+    assert nxt[0] == int(after[0].argmax()) and nxt[1] == int(first[1])
     logits = _step(model, batch)
-    fed = {0: pending[0], 2: pending[1]}
     for i, row in enumerate(rows):
         want = _last_logits(model, row.prompt_ids + fed.get(i, []) + [nxt[i]])
         assert torch.allclose(logits[i], want, atol=1e-4), f"row {i}"

@@ -3,7 +3,7 @@
     graphs = ForwardGraphs.build(model, pad_id)      # None when the model cannot be traced faithfully
     logits = graphs.prefill(ids, mask, pos, cache)   # fills `cache` (a DynamicCache, maybe seeded)
     logits = graphs.decode(ids, mask, pos, batch)    # one token per row of a RaggedBatch
-    graphs.extend(ids, mask, columns, rows, batch)   # several tokens for some rows (jump-forward)
+    logits = graphs.extend(ids, mask, columns, rows, last, batch)  # several tokens for some rows
 
 Why: every eager torch call releases the GIL for its kernel and takes it back after, so a decoding
 thread beside a busy prefill thread (or the HTTP event loop) waits for the GIL hundreds of times per
@@ -38,6 +38,7 @@ from medtune.serve.engines.kv_batch import (
     Prefix,
     PromptRow,
     RaggedBatch,
+    last_logits,
     new_cache,
     prefill_inputs,
     prefill_mask,
@@ -84,7 +85,7 @@ class _Decode(torch.nn.Module):
 
 class _Extend(torch.nn.Module):
     """Several tokens for some rows of a `RaggedBatch` (jump-forward decoding: tokens the grammar forced)
-    -> keys and values written into the batch's stores (the logits are not used)."""
+    -> the logits after each row's last token; keys and values written into the batch's stores."""
 
     def __init__(self, model: Any, layout: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
         super().__init__()
@@ -92,11 +93,11 @@ class _Extend(torch.nn.Module):
         self.layout = layout
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
-                *stores: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                last: torch.Tensor, *stores: torch.Tensor) -> torch.Tensor:  # fmt: skip
         cache = RaggedBatch.cache_over(stores, self.layout, rows, columns, mask.shape[-1], several=True)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
-                         use_cache=True, logits_to_keep=1)  # fmt: skip
-        return out.logits[:, -1]
+                         use_cache=True)  # fmt: skip
+        return last_logits(out.logits, last)
 
 
 class ForwardGraphs:
@@ -135,8 +136,7 @@ class ForwardGraphs:
                 ids, mask, pos = batch.decode_inputs()
                 args = (ids, mask, pos, *batch.step_indices(), *batch.stores)
                 decode = torch.jit.trace(_Decode(model, batch.layout), args, check_trace=False)
-                ids, mask, columns, rows = batch.extend_inputs([0, 2], prompts(2, 6), pad_id)
-                args = (ids, mask, columns, rows, *batch.stores)
+                args = (*batch.extend_inputs([0, 2], prompts(2, 6), pad_id), *batch.stores)
                 extend = torch.jit.trace(_Extend(model, batch.layout), args, check_trace=False)
             graphs = cls(prefill, decode, extend, empty)
             graphs._check(model, pad_id, prompts)
@@ -168,10 +168,12 @@ class ForwardGraphs:
         mask: torch.Tensor,
         columns: torch.Tensor,
         rows: torch.Tensor,
+        last: torch.Tensor,
         batch: RaggedBatch,
-    ) -> None:
-        """Write the keys and values of several tokens for some rows (inputs from `batch.extend_inputs`)."""
-        self._extend(ids, mask, columns, rows, *batch.stores)
+    ) -> torch.Tensor:
+        """Several tokens for some rows (inputs from `batch.extend_inputs`): their keys and values
+        written, the logits after each row's last token returned."""
+        return self._extend(ids, mask, columns, rows, last, *batch.stores)
 
     def _check(self, model: Any, pad_id: int, prompts: Any) -> None:
         """Compare with the eager model on other sizes than the traced ones; raise on a difference."""
@@ -190,10 +192,11 @@ class ForwardGraphs:
             # Jump-forward: a few tokens for the first and last rows; the next step must see them.
             extended = sorted({0, rows - 1})
             forced = prompts(len(extended), 5)
-            for batch, graph in ((eager, _Extend(model, eager.layout)), (traced, self._extend)):
-                ids, mask, columns, at = batch.extend_inputs(extended, forced, pad_id)
-                graph(ids, mask, columns, at, *batch.stores)
+            got_want = []
+            for batch, graph in ((traced, self._extend), (eager, _Extend(model, eager.layout))):
+                got_want.append(graph(*batch.extend_inputs(extended, forced, pad_id), *batch.stores))
                 batch.extended(extended, [len(t) for t in forced])
+            _same(got_want[:1], got_want[1:], f"extension of {len(extended)} of {rows} rows")
             ids, mask, pos = eager.decode_inputs()
             want = _Decode(model, eager.layout)(ids, mask, pos, *eager.step_indices(), *eager.stores)
             got = self.decode(*traced.decode_inputs(), traced)

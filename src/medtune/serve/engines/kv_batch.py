@@ -118,6 +118,11 @@ def prefill_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
     return allowed[:, None]
 
 
+def last_logits(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Row i's logits [vocab] at position `last[i]` of `logits` [rows, tokens, vocab]."""
+    return logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, logits.shape[-1]))[:, 0]
+
+
 def plain_layers(cache: DynamicCache) -> bool:
     """True when every layer is a plain full-attention one: such caches can be seeded with a cached
     prefix and their rows decoded in a `RaggedBatch`. Sliding-window or linear-attention layers cannot."""
@@ -281,10 +286,11 @@ class RaggedBatch:
 
     def extend_inputs(
         self, rows: list[int], tokens: list[list[int]], pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of a forward pass that appends several tokens to some rows (jump-forward decoding):
         ids [k, L] (right-padded), the 4-D boolean mask [k, 1, L, columns], the column of each token
-        [k, L] (also its position) and the rows' indices [k]. Padding tokens write past their row's end,
+        [k, L] (also its position), the rows' indices [k] and where each row's last token is [k] (its
+        logits give the row's next token: `last_logits`). Padding tokens write past their row's end,
         where nothing reads them and the row's next tokens overwrite them; `extended` then counts the
         real ones."""
         width = max(len(t) for t in tokens)
@@ -297,11 +303,15 @@ class RaggedBatch:
         mask = torch.arange(int(columns.max()) + 1)[None, None, :] <= columns[:, :, None]
         device = self.cache.layers[0].device
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        return ids.to(device), mask[:, None].to(device), columns.to(device), rows_t
+        last = torch.tensor([len(t) - 1 for t in tokens], dtype=torch.long, device=device)
+        return ids.to(device), mask[:, None].to(device), columns.to(device), rows_t, last
 
-    def extended(self, rows: list[int], counts: list[int]) -> None:
-        """Rows `rows` now hold `counts` more tokens (after a forward pass over `extend_inputs`)."""
+    def extended(self, rows: list[int], counts: list[int], nxt: torch.Tensor | None = None) -> None:
+        """Rows `rows` now hold `counts` more tokens (after a forward pass over `extend_inputs`), and
+        `nxt` are their next input tokens."""
         self.lengths[rows] += torch.tensor(counts, dtype=torch.long)
+        if nxt is not None:
+            self.next[rows] = nxt.cpu()
 
     def drop_finished(self) -> int:
         """Remove finished or cancelled rows: the last running rows move into the freed slots (one row

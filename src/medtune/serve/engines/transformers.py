@@ -49,6 +49,7 @@ from medtune.serve.engines.kv_batch import (
     FixedBatch,
     Prefix,
     RaggedBatch,
+    last_logits,
     new_cache,
     plain_layers,
     prefill_inputs,
@@ -461,34 +462,38 @@ class TransformersEngine(QueuedEngine):
 
     def _decode(self) -> int:
         """One token for every running row; return how many rows finished."""
-        self._extend()
+        dropped = self._extend()
+        if not self._batch.rows:
+            return dropped
         ids, mask, pos = self._batch.decode_inputs()
         logits = self._forward(ids, mask, pos, self._batch.cache, self._batch.rows, prefill=False)
         self._batch.advance(self._step(self._batch.rows, logits, self._bitmask))
-        return self._batch.drop_finished()
+        return dropped + self._batch.drop_finished()
 
-    def _extend(self) -> None:
-        """Put the tokens jump-forward decoding accepted (`Sequence.pending`) into their rows' cache: one
-        forward pass for all such rows, before the step that decodes their next token."""
+    def _extend(self) -> int:
+        """Feed the tokens jump-forward decoding accepted (`Sequence.pending`) to their rows, all such rows
+        in one forward pass, and choose each one's next token from the logits after its last: the step
+        that follows decodes it with the other rows. Return how many rows finished."""
         batch = self._batch
-        rows = [i for i, seq in enumerate(batch.rows) if seq.pending and not seq.finished]
-        if not rows:
-            return
-        seqs = [batch.rows[i] for i in rows]
-        ids, mask, columns, at = batch.extend_inputs(rows, [s.pending for s in seqs], self.pad_id)
-        if self._graphs is not None and not self.adapters.paths:
-            self._graphs.extend(ids, mask, columns, at, batch)
-        else:
-            cache = RaggedBatch.cache_over(
-                batch.stores, batch.layout, at, columns, mask.shape[-1], several=True
-            )
-            with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
-                self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
-                                    use_cache=True, logits_to_keep=1,
-                                    **self.adapters.forward_kwargs([s.req.adapter for s in seqs]))  # fmt: skip
-        batch.extended(rows, [len(s.pending) for s in seqs])
-        for seq in seqs:
-            seq.pending = []
+        while rows := [i for i, seq in enumerate(batch.rows) if seq.pending and not seq.finished]:
+            seqs = [batch.rows[i] for i in rows]
+            ids, mask, columns, at, last = batch.extend_inputs(rows, [s.pending for s in seqs], self.pad_id)
+            if self._graphs is not None and not self.adapters.paths:
+                logits = self._graphs.extend(ids, mask, columns, at, last, batch)
+            else:
+                cache = RaggedBatch.cache_over(
+                    batch.stores, batch.layout, at, columns, mask.shape[-1], several=True
+                )
+                with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
+                    out = self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
+                                              use_cache=True, **self.adapters.forward_kwargs([s.req.adapter for s in seqs]))  # fmt: skip
+                logits = last_logits(out.logits, last)
+            counts = [len(s.pending) for s in seqs]
+            for seq in seqs:
+                seq.pending = []
+            logits = logits.float() if logits.device.type == "cpu" else logits.float().cpu()
+            batch.extended(rows, counts, self._step(seqs, logits, self._bitmask))  # may force more
+        return batch.drop_finished()
 
     def _count_forced(self, n: int) -> None:
         if n:
@@ -498,11 +503,10 @@ class TransformersEngine(QueuedEngine):
     def _step(self, seqs: list[Sequence], logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         """Choose, record and deliver each row's next token; return the tokens (the next inputs).
 
-        With jump-forward decoding, the tokens the grammar then forces are accepted too: the last one
-        becomes the row's next input, the others wait in `pending` for `_extend`."""
+        With jump-forward decoding, the tokens the grammar then forces are accepted too: they wait in
+        `pending`, with the chosen one, for `_extend`."""
         chosen = choose_tokens(logits, seqs, self.guide, bitmask, self.tokenizer)
         out = []
-        nxt = [token for token, _ in chosen]
         for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
             if seq.cancelled:
                 continue
@@ -517,10 +521,10 @@ class TransformersEngine(QueuedEngine):
                     break
             self._count_forced(accepted)
             if forced and not seq.finished:
-                seq.pending, nxt[i] = [token, *forced[:-1]], forced[-1]
+                seq.pending = [token, *forced]  # `_extend` feeds them and chooses the next input
             if not seq.finished and only_stop_allowed(self.guide, bitmask, i, seq, self.vocab):
                 # The answer is complete; skip the forward pass that could only produce a stop token.
                 delta = merge_deltas(delta, seq.finish_completed())
             out.append((seq, delta))
         deliver_all(out)
-        return torch.tensor(nxt, dtype=torch.long)
+        return torch.tensor([t for t, _ in chosen], dtype=torch.long)
