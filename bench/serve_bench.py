@@ -2,6 +2,7 @@
 
     python bench/serve_bench.py --run runs/aria            # what `make bench-serve` runs
     python bench/serve_bench.py --run runs/aria --write    # also rewrite BENCHMARKS.md's serving section
+    python bench/serve_bench.py --run runs/aria --serve-arg=--no-jump-forward   # the server without it
 
 The model is the run's newest merged stage (runs/aria/dpo after `make demo`); without a trained run
 an untrained embedded "small" model is built and the report says so. Each of `--repeats` rounds:
@@ -11,10 +12,10 @@ an untrained embedded "small" model is built and the report says so. Each of `--
    client: `--requests` calls one after another (P50 / P99 latency, requests/s), then the same calls
    from 8 concurrent clients (requests/s);
 2. in-process, decodes the same prompts greedily with the schema constraint and without it, capped at
-   the constrained answer's length so both produce the same number of tokens (alternating which goes
-   first), and compares seconds per token, jump-forward decoding off (the grammar's own cost); then
-   the constrained answers with jump-forward on, as the server decodes them; for reference, the same
-   with `model.generate` (one CPU thread, like the engine) and xgrammar's stock HF logits processor.
+   the constrained answer's length so both produce the same number of tokens, jump-forward decoding off
+   (the grammar's own cost), and the constrained answers with jump-forward on, as the server decodes
+   them (the three in rotating order), and compares seconds per token; for reference, the same with
+   `model.generate` (one CPU thread, like the engine) and xgrammar's stock HF logits processor.
 
 Numbers are medians over rounds. The machine is shared: compare ratios measured in the same round.
 """
@@ -67,12 +68,12 @@ def pick_model(run: Path) -> tuple[Path, str]:
 
 
 @contextlib.contextmanager
-def server(model: Path) -> Iterator[str]:
+def server(model: Path, extra: list[str] | None = None) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "medtune.cli", "serve", "--model", str(model), "--port", str(port),
-           "--api-key", KEY, "--served-name", "aria-ft"]  # fmt: skip
+           "--api-key", KEY, "--served-name", "aria-ft", *(extra or [])]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTUNE_")}
     # The server's log goes to a file: a pipe nobody reads fills up (an access line per request) and
     # blocks the server.
@@ -186,42 +187,34 @@ def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
     from medtune.serve.engines.base import Constraint, GenerationRequest, SamplingParams
 
     schema = TASK.response_format()["json_schema"]["schema"]
-    engine = create_engine(
-        "transformers", str(model), options=EngineOptions(max_batch_size=1, jump_forward=False)
-    )
+    # One engine for the three ways (two engines would evict each other's weights from the caches
+    # between calls); jump-forward is switched between requests, which are sequential here.
+    engine = create_engine("transformers", str(model), options=EngineOptions(max_batch_size=1))
     engine.start()
     per_token = {"constrained": 0.0, "free": 0.0, "hf_constrained": 0.0, "hf_free": 0.0, "jump_forward": 0.0}
-    n_tokens = forced = 0
+    n_tokens = 0
     try:
         prompts = [engine.render(TASK.messages(r)) for r in records]
         constrained = Constraint("json_schema", schema)
+        ways = [("constrained", False, True), ("free", False, False), ("jump_forward", True, True)]
 
-        def run(prompt: str, n: int, guided: bool) -> tuple[float, int]:
+        def run(prompt: str, n: int, jump: bool, guided: bool) -> tuple[float, int]:
             req = GenerationRequest(prompt=prompt, constraint=constrained if guided else None,
                                     sampling=SamplingParams(temperature=0.0, max_tokens=n))  # fmt: skip
+            engine.options.jump_forward = jump
             t0 = time.perf_counter()
             done = engine.generate_batch([req])[0].completion_tokens
             return time.perf_counter() - t0, done
 
-        # The constrained answer's length, then both ways capped at it, in alternating order.
-        lengths = [run(p, TASK.max_tokens, True)[1] for p in prompts]
+        # The constrained answer's length, then the three ways capped at it, in rotating order.
+        lengths = [run(p, TASK.max_tokens, False, True)[1] for p in prompts]
+        forced = engine.forced_tokens
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
-            for guided in (True, False) if i % 2 else (False, True):
-                seconds, done = run(prompt, n, guided)
-                per_token["constrained" if guided else "free"] += seconds * n / done  # early EOS: scale to n
+            for name, jump, guided in ways[i % 3 :] + ways[: i % 3]:
+                seconds, done = run(prompt, n, jump, guided)
+                per_token[name] += seconds * n / done  # early EOS: scale to n
             n_tokens += n
-        jumping = create_engine("transformers", str(model), options=EngineOptions(max_batch_size=1))
-        jumping.start()
-        try:
-            for prompt, n in zip(prompts, lengths, strict=True):
-                req = GenerationRequest(prompt=prompt, constraint=constrained,
-                                        sampling=SamplingParams(temperature=0.0, max_tokens=n))  # fmt: skip
-                t0 = time.perf_counter()
-                done = jumping.generate_batch([req])[0].completion_tokens
-                per_token["jump_forward"] += (time.perf_counter() - t0) * n / done
-            forced = jumping.forced_tokens
-        finally:
-            jumping.close()
+        forced = engine.forced_tokens - forced
         # Reference: transformers generate() with xgrammar's stock HF logits processor, on one
         # thread like the engine's scheduler (two threads are ~10x slower on a busy machine).
         torch.set_num_threads(1)
@@ -264,6 +257,7 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
     step = statistics.median(r["step8"] / r["step1"] for r in rounds)
     over = statistics.median(r["constrained"] / r["free"] - 1 for r in rounds)
     hf_over = statistics.median(r["hf_constrained"] / r["hf_free"] - 1 for r in rounds)
+    jump = statistics.median(r["jump_forward"] / r["constrained"] - 1 for r in rounds)
     share = statistics.median(r["prompt_p50"] / r["p50"] for r in rounds)
     ok = lambda good: "yes" if good else "**no**"  # noqa: E731
     return "\n".join([
@@ -283,9 +277,10 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
         f"| constrained vs free decoding, per token (jump-forward off) | {1000 * med['constrained']:.2f} vs "
         f"{1000 * med['free']:.2f} ms "
         f"({100 * over:+.1f}%) | <= +10% | {ok(over <= 0.10)} |",
-        f"| constrained with jump-forward decoding (the server's default), per token | "
-        f"{1000 * med['jump_forward']:.2f} ms ({100 * med['forced_share']:.0f}% of the answer's tokens forced by "
-        f"the schema, fed without a decoding step of their own) | | |",
+        f"| constrained with jump-forward decoding (the server's default) vs without, per token | "
+        f"{1000 * med['jump_forward']:.2f} vs {1000 * med['constrained']:.2f} ms ({100 * jump:+.0f}%; "
+        f"{100 * med['forced_share']:.0f}% of the answer's tokens forced by the schema, fed without a decoding "
+        "step of their own) | | |",
         f"| same with `generate()` + xgrammar's HF logits processor (reference) | "
         f"{1000 * med['hf_constrained']:.2f} vs {1000 * med['hf_free']:.2f} ms ({100 * hf_over:+.1f}%) | | |",
         f"| prompt processing alone (the same call with max_tokens 1), P50 | {med['prompt_p50']:.3f} s "
@@ -327,6 +322,8 @@ def main() -> int:
         "--overhead-prompts", type=int, default=20, help="prompts for the per-token comparison"
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the report gives medians")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to `medtune serve` (repeatable; e.g. --serve-arg=--no-jump-forward)")  # fmt: skip
     parser.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's serving section")
     args = parser.parse_args()
     if args.model:
@@ -336,7 +333,7 @@ def main() -> int:
     records = TASK.generate_inputs(args.requests, seed=123)
     rounds = []
     for i in range(args.repeats):
-        with server(model) as url:
+        with server(model, args.serve_arg) as url:
             seq = asyncio.run(measure_http(url, records, clients=1))
             par = asyncio.run(measure_http(url, records, clients=8))
             prompt_only = asyncio.run(measure_http(url, records[:30], clients=1, max_tokens=1))
@@ -347,6 +344,7 @@ def main() -> int:
         print(f"round {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in rounds[-1].items()), flush=True)
     source = f"--model {args.model}" if args.model else f"--run {args.run}"
     command = f"python bench/serve_bench.py {source} --requests {args.requests} --repeats {args.repeats}"
+    command += "".join(f" --serve-arg={a}" for a in args.serve_arg)
     text = section(desc, rounds, args.requests, command)
     print(text)
     if args.write:
