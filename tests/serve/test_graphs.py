@@ -48,6 +48,18 @@ def _prefill(model, graphs, rows: list[PromptRow], prefix: Prefix | None = None,
     return out
 
 
+def _same_step(model, graphs, eager: RaggedBatch, traced: RaggedBatch) -> torch.Tensor:
+    """One decoding step of two batches holding the same rows, eagerly and through the graph: the same
+    logits (returned)."""
+    with torch.inference_mode():
+        ids, mask, pos = eager.decode_inputs()
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=eager.cache,
+                     use_cache=True).logits[:, -1]  # fmt: skip
+        got = graphs.decode(*traced.decode_inputs(), traced)
+    assert torch.allclose(got, want, atol=1e-5)
+    return want
+
+
 def test_prefills_match_the_eager_model_with_padding_and_a_reused_prefix(model, graphs):
     rows = [PromptRow(p) for p in _prompts(model, [23, 9, 17], shared=11)]
     (want, want_cache, mask), (got, got_cache, _) = _prefill(model, graphs, rows)
@@ -82,12 +94,7 @@ def test_decoding_steps_match_the_eager_model_as_rows_join_and_leave(model, grap
         if step == 9:
             rows[1].finished = True
             assert eager.drop_finished() == traced.drop_finished() == 1
-        with torch.inference_mode():
-            ids, mask, pos = eager.decode_inputs()
-            want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=eager.cache,
-                         use_cache=True).logits[:, -1]  # fmt: skip
-            got = graphs.decode(*traced.decode_inputs(), traced)
-        assert torch.allclose(got, want, atol=1e-5)
+        want = _same_step(model, graphs, eager, traced)
         eager.advance(want.argmax(-1))
         traced.advance(want.argmax(-1))
         columns.append(traced.stores[0].shape[3])
@@ -123,12 +130,7 @@ def test_tokens_appended_together_match_the_eager_model(model, graphs):
     assert torch.allclose(after[1], after[0], atol=1e-5)
     eager, traced = batches
     assert eager.lengths.tolist() == traced.lengths.tolist() == [6 + 7, 21, 13 + 2]
-    with torch.inference_mode():
-        ids, mask, pos = eager.decode_inputs()
-        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=eager.cache,
-                     use_cache=True).logits[:, -1]  # fmt: skip
-        got = graphs.decode(*traced.decode_inputs(), traced)
-    assert torch.allclose(got, want, atol=1e-5)
+    _same_step(model, graphs, eager, traced)
 
 
 class Branchy(LlamaForCausalLM):

@@ -71,26 +71,19 @@ class _Decode(torch.nn.Module):
     def __init__(self, model: Any, layout: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
         super().__init__()
         self.model = model
-        self.layout = layout
+        self.layout = layout  # which store holds each layer's keys and values (`RaggedBatch.layout`)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
                 columns: torch.Tensor, *stores: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        cache = RaggedBatch.cache_over(stores, self.layout)
-        for layer in cache.layers:
-            layer.rows, layer.columns, layer.width = rows, columns, mask.shape[-1]
+        cache = RaggedBatch.cache_over(stores, self.layout, rows, columns, mask.shape[-1])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                          use_cache=True, logits_to_keep=1)  # fmt: skip
         return out.logits[:, -1]
 
 
-class _Extend(torch.nn.Module):
+class _Extend(_Decode):
     """Several tokens for some rows of a `RaggedBatch` (jump-forward decoding: tokens the grammar forced)
     -> the logits after each row's last token; keys and values written into the batch's stores."""
-
-    def __init__(self, model: Any, layout: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
-        super().__init__()
-        self.model = model
-        self.layout = layout
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
                 last: torch.Tensor, *stores: torch.Tensor) -> torch.Tensor:  # fmt: skip
