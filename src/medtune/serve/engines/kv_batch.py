@@ -16,11 +16,11 @@ a row's numbers do not depend on its neighbours (greedy output is the same alone
 preallocated buffers [rows, heads, columns, dim]: row i holds its tokens in columns [0, len_i), with
 no padding, and a decoding step writes each row's new key and value at its own column, in place.
 Joining copies only the new rows in; a finished row's slot is refilled with the last row (one row
-copied). The mask is each row's own length. Jump-forward decoding appends several tokens to some rows
-in one forward pass (`extend_inputs`, `extended`), in place as well. transformers' `DynamicLayer` instead copies the whole
+copied). The mask is each row's own length. transformers' `DynamicLayer` instead copies the whole
 cache every step (`torch.cat`), and merging left-padded caches copies it at every join and departure:
 measured on the embedded model with 8 clients, those copies were ~4 ms of the ~25 ms each request
-cost the decoding thread.
+cost the decoding thread. Jump-forward decoding appends several tokens to some rows in one forward
+pass (`extend_inputs`, `extended`), in place as well.
 
 `FixedBatch` (sliding-window, linear-attention and other caches, which cannot be padded or joined
 safely): the rows prefilled together decode together until they end; new requests wait for the

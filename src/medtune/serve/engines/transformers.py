@@ -480,13 +480,13 @@ class TransformersEngine(QueuedEngine):
             ids, mask, columns, at, last = batch.extend_inputs(rows, [s.pending for s in seqs], self.pad_id)
             if self._graphs is not None and not self.adapters.paths:
                 logits = self._graphs.extend(ids, mask, columns, at, last, batch)
-            else:
-                cache = RaggedBatch.cache_over(
-                    batch.stores, batch.layout, at, columns, mask.shape[-1], several=True
-                )
+            else:  # eagerly, each row through its own adapter
+                width = mask.shape[-1]
+                cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, width, several=True)
+                adapters = self.adapters.forward_kwargs([s.req.adapter for s in seqs])
                 with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
-                    out = self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns, cache=cache,
-                                              use_cache=True, **self.adapters.forward_kwargs([s.req.adapter for s in seqs]))  # fmt: skip
+                    out = self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns,
+                                              cache=cache, use_cache=True, **adapters)  # fmt: skip
                 logits = last_logits(out.logits, last)
             counts = [len(s.pending) for s in seqs]
             for seq in seqs:
