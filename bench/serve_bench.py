@@ -14,8 +14,9 @@ an untrained embedded "small" model is built and the report says so. Each of `--
 2. in-process, decodes the same prompts greedily with the schema constraint and without it, capped at
    the constrained answer's length so both produce the same number of tokens, jump-forward decoding off
    (the grammar's own cost), and the constrained answers with jump-forward on, as the server decodes
-   them (the three in rotating order), and compares seconds per token; for reference, the same with
-   `model.generate` (one CPU thread, like the engine) and xgrammar's stock HF logits processor.
+   them (the three in rotating order), and compares seconds per token (the ratios: medians over the
+   prompts of each prompt's ratio); for reference, the same with `model.generate` (one CPU thread,
+   like the engine) and xgrammar's stock HF logits processor.
 
 Numbers are medians over rounds. The machine is shared: compare ratios measured in the same round.
 """
@@ -209,10 +210,15 @@ def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
         # The constrained answer's length, then the three ways capped at it, in rotating order.
         lengths = [run(p, TASK.max_tokens, False, True)[1] for p in prompts]
         forced = engine.forced_tokens
+        paired: dict[str, list[float]] = {"over": [], "jump": []}  # per prompt: the three ways side by side
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+            times = {}
             for name, jump, guided in ways[i % 3 :] + ways[: i % 3]:
                 seconds, done = run(prompt, n, jump, guided)
-                per_token[name] += seconds * n / done  # early EOS: scale to n
+                times[name] = seconds * n / done  # early EOS: scale to n
+                per_token[name] += times[name]
+            paired["over"].append(times["constrained"] / times["free"])
+            paired["jump"].append(times["jump_forward"] / times["constrained"])
             n_tokens += n
         forced = engine.forced_tokens - forced
         # Reference: transformers generate() with xgrammar's stock HF logits processor, on one
@@ -246,6 +252,9 @@ def measure_overhead(model: Path, records: list[dict]) -> dict[str, float]:
         "hf_free": per_token["hf_free"] / hf_tokens,
         "jump_forward": per_token["jump_forward"] / n_tokens,
         "forced_share": forced / n_tokens,
+        # Medians of the per-prompt ratios: a burst of load on the machine moves one prompt, not the ratio.
+        "over_ratio": statistics.median(paired["over"]),
+        "jump_ratio": statistics.median(paired["jump"]),
     }
 
 
@@ -255,9 +264,9 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
     ratios = sorted(r["rps8"] / r["rps1"] for r in rounds)
     ratio = statistics.median(ratios)
     step = statistics.median(r["step8"] / r["step1"] for r in rounds)
-    over = statistics.median(r["constrained"] / r["free"] - 1 for r in rounds)
+    over = statistics.median(r["over_ratio"] - 1 for r in rounds)
     hf_over = statistics.median(r["hf_constrained"] / r["hf_free"] - 1 for r in rounds)
-    jump = statistics.median(r["jump_forward"] / r["constrained"] - 1 for r in rounds)
+    jump = statistics.median(r["jump_ratio"] - 1 for r in rounds)
     share = statistics.median(r["prompt_p50"] / r["p50"] for r in rounds)
     ok = lambda good: "yes" if good else "**no**"  # noqa: E731
     return "\n".join([
@@ -276,7 +285,7 @@ def section(model_desc: str, rounds: list[dict[str, Any]], n: int, command: str)
         f"{ratios[0]:.1f}-{ratios[-1]:.1f}x) | >= 3x | {ok(ratio >= 3)} |",
         f"| constrained vs free decoding, per token (jump-forward off) | {1000 * med['constrained']:.2f} vs "
         f"{1000 * med['free']:.2f} ms "
-        f"({100 * over:+.1f}%) | <= +10% | {ok(over <= 0.10)} |",
+        f"({100 * over:+.1f}%, median of the prompts' ratios) | <= +10% | {ok(over <= 0.10)} |",
         f"| constrained with jump-forward decoding (the server's default) vs without, per token | "
         f"{1000 * med['jump_forward']:.2f} vs {1000 * med['constrained']:.2f} ms ({100 * jump:+.0f}%; "
         f"{100 * med['forced_share']:.0f}% of the answer's tokens forced by the schema, fed without a decoding "
