@@ -443,3 +443,47 @@ def test_jump_forward_gives_every_path_the_same_tokens(tiny_model_dir, tmp_path)
     with _started(tiny_model_dir, adapters=adapters) as engine:
         assert [r.token_ids for r in engine.generate_batch([req, rnd])] == want
         assert engine.forced_tokens >= 30
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_grammar_mask_is_computed_only_when_the_pick_breaks_the_grammar(tiny_model_dir, temperature):
+    """A constrained row first picks without the mask; only when the grammar refuses that pick is the mask
+    filled and the row picks again, with the same noise: the same token as masking first, always."""
+    from transformers import AutoTokenizer
+
+    from medtune.serve.engines.sequence import Sequence, choose_tokens
+    from medtune.serve.guided import Guide
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    guide = Guide(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.eos_token_id])
+    constraint = Constraint("choice", ["oui", "non"])
+    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("oui", "non"))  # allowed
+    fills = []
+    fill_rows = guide.fill_rows
+    guide.fill_rows = lambda bitmask, matchers: (fills.append(len(matchers)), fill_rows(bitmask, matchers))
+
+    def choose(logits: torch.Tensor, seed: int, masked_first: bool) -> int:
+        req = GenerationRequest(prompt="x", sampling=SamplingParams(temperature=temperature, seed=seed))
+        seq = Sequence(req, [1], 10, guide.matcher(constraint), tokenizer, set(), None)
+        logits = logits.clone()[None]
+        bitmask = guide.allocate(1)
+        if masked_first:  # the reference: mask, then pick
+            fill_rows(bitmask, [(0, seq.matcher)])
+            guide.apply(logits, bitmask, [0])
+        return choose_tokens(logits, [seq], guide, bitmask, tokenizer)[0][0]
+
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(40):
+        logits = torch.randn(len(tokenizer), generator=gen)
+        logits[yes] += 3.0 if seed % 2 else -3.0  # allowed; the best token on odd seeds only
+        logits[no] -= 1.0
+        before = len(fills)
+        want = choose(logits, seed, masked_first=True)
+        fills[before:] = []
+        got = choose(logits, seed, masked_first=False)
+        assert got == want and guide.allows(guide.matcher(constraint), got)
+        if temperature == 0.0:  # masked only when the best token is not allowed
+            assert (len(fills) > before) == (
+                not guide.allows(guide.matcher(constraint), int(logits.argmax()))
+            )
+    assert 0 < len(fills) < 40  # some picks were refused, not all

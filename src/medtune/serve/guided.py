@@ -124,13 +124,15 @@ class Guide:
         )
         self.vocab_size = vocab_size
         special = marker_ids(tokenizer) - set(stop_token_ids)
+        self._forbidden = special  # never chosen in a constrained answer (`allows`)
         self._keep = _and_mask(special, vocab_size)
         self._has_forbidden = bool((self._keep != -1).any())
         # Compact JSON has no raw control character anywhere (inside strings they are escaped), but
         # xgrammar 0.2.8's rules for strings with minLength / maxLength admit any character but `"`, `\`,
         # CR and LF: tokens holding a byte below 0x20 are forbidden in JSON answers here.
         control = {i for i, b in enumerate(info.decoded_vocab[:vocab_size]) if any(c < 0x20 for c in b)}
-        self._json_keep = _and_mask(special | (control - set(stop_token_ids)), vocab_size)
+        self._json_forbidden = special | (control - set(stop_token_ids))
+        self._json_keep = _and_mask(self._json_forbidden, vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
@@ -223,6 +225,16 @@ class Guide:
             bitmask[: max(rows) + 1] &= self._keep
         if json_rows:
             bitmask[json_rows] &= self._json_keep
+
+    def allows(self, matcher: Matcher, token: int) -> bool:
+        """Whether `token` may come next, as the mask would say (checked by accepting it and rolling back:
+        a few microseconds, against tens for a mask)."""
+        if token in (self._json_forbidden if matcher.json else self._forbidden):
+            return False
+        if not matcher.accept_token(token):
+            return False
+        matcher.rollback(1)
+        return True
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of tokens the grammar forbids to -inf, for the listed rows only."""

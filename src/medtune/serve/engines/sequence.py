@@ -263,36 +263,56 @@ def choose_tokens(
             logits[i] -= s.sampling.frequency_penalty * s.counts + s.sampling.presence_penalty * (
                 s.counts > 0
             )
-    # Grammar: fill the mask only for constrained rows, apply it to those rows in one call.
-    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
-    if rows and guide is not None and bitmask is not None:
+    greedy = [s.sampling.greedy for s in seqs]
+    nucleus = [not greedy[i] and s.sampling.top_p < 1.0 for i, s in enumerate(seqs)]
+    guided = (
+        [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guide is not None and bitmask is not None
+        else []
+    )
+
+    def mask(rows: list[int]) -> None:  # the grammar's mask, for these rows only, in one call each
         guide.fill_rows(bitmask, [(i, seqs[i].matcher) for i in rows])
         guide.apply(logits, bitmask, rows)
-    greedy = [s.sampling.greedy for s in seqs]
-    tokens = logits.argmax(dim=-1).tolist() if any(greedy) else [0] * len(seqs)
-    # Plain temperature sampling for all such rows at once (Gumbel-max: argmax of logits / T minus the
-    # log of Exp(1) noise), the noise drawn from each row's own seeded generator. Exp(1) is -log(U) for U
-    # uniform: drawing U is ~5x cheaper than `exponential_`, and the logarithms run once for all rows.
-    plain = [i for i, s in enumerate(seqs) if not greedy[i] and s.sampling.top_p >= 1.0]
+
+    # Nucleus sampling needs the grammar's mask before it draws. Greedy rows and plain sampling rows pick
+    # first, and only a row whose pick the grammar refuses is masked and picks again (llama.cpp's fast
+    # path): the best allowed token is the best token whenever the grammar allows it, same noise drawn.
+    if first := [i for i in guided if nucleus[i]]:
+        mask(first)
+    # Plain temperature sampling (Gumbel-max: argmax of logits / T minus the log of Exp(1) noise), the
+    # noise drawn from each row's own seeded generator. Exp(1) is -log(U) for U uniform: drawing U is ~5x
+    # cheaper than `exponential_`, and the logarithms run once for all rows.
+    plain = {i: j for j, i in enumerate(i for i in range(len(seqs)) if not greedy[i] and not nucleus[i])}
     if plain:
         noise = torch.empty(len(plain), logits.shape[-1])
-        for j, i in enumerate(plain):
+        for i, j in plain.items():
             noise[j].uniform_(generator=seqs[i].generator)
         noise.log_().neg_().log_()  # log(Exp(1)); U = 0 gives +inf: that token is never picked
         temps = torch.tensor([seqs[i].sampling.temperature for i in plain])[:, None]
-        picked = (logits[plain] / temps - noise).argmax(dim=-1).tolist()
-        for i, t in zip(plain, picked, strict=True):
-            tokens[i] = t
-    for i, s in enumerate(seqs):
-        if greedy[i] or s.sampling.top_p >= 1.0:
-            continue
-        row = logits[i] / s.sampling.temperature
-        probs = torch.softmax(row, dim=-1)
-        if s.sampling.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < s.sampling.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+    tokens = [0] * len(seqs)
+
+    def pick(rows: list[int]) -> None:
+        if ids := [i for i in rows if greedy[i]]:
+            top = (logits if len(ids) == len(seqs) else logits[ids]).argmax(dim=-1).tolist()
+            for i, t in zip(ids, top, strict=True):
+                tokens[i] = t
+        if ids := [i for i in rows if i in plain]:
+            at = [plain[i] for i in ids]
+            for i, t in zip(ids, (logits[ids] / temps[at] - noise[at]).argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        for i in rows:
+            if nucleus[i]:
+                probs = torch.softmax(logits[i] / seqs[i].sampling.temperature, dim=-1)
+                sorted_p, order = torch.sort(probs, descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < seqs[i].sampling.top_p  # always keeps the top token
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+                tokens[i] = int(torch.multinomial(probs, 1, generator=seqs[i].generator))
+
+    pick(list(range(len(seqs))))
+    if again := [i for i in guided if not nucleus[i] and not guide.allows(seqs[i].matcher, tokens[i])]:
+        mask(again)
+        pick(again)
     out: list[tuple[int, TokenLogprob | None]] = []
     for i, s in enumerate(seqs):
         lp = None
