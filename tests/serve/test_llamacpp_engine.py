@@ -142,3 +142,40 @@ def test_adapters_are_refused_with_a_way_out(sft_gguf):
 
     with pytest.raises(ConfigError, match="--fuse"):
         LlamaCppEngine(str(sft_gguf), adapters={"derm": "adapters/derm"})
+
+
+def test_jump_forward_feeds_forced_tokens_in_the_next_step(sft_gguf, tiny_model_dir, tmp_path):
+    """Forced text rides in the row's next llama_decode with its chosen token: the same tokens as decoding
+    them one by one (text with one tokenisation only; the untrained model, whose free letters depend on
+    every cached token), in fewer steps; the SFT model's schema answers stay valid."""
+    from medtune.export.gguf import export_gguf
+    from medtune.serve.engines.llamacpp import LlamaCppEngine
+
+    untrained = export_gguf(tiny_model_dir, tmp_path / "untrained-f16.gguf", "f16").path
+    one_way = GenerationRequest(prompt="Diagnostic ?", constraint=Constraint("regex", "§¤§ [a-z]{3}§¤§¤§¤[a-z]{3} [a-z]{9}"),
+                                sampling=SamplingParams(temperature=0.0, max_tokens=40))  # fmt: skip
+    diagnoses = _chat(3, records_seed=3, max_tokens=120)
+    for req in diagnoses:
+        req.constraint = Constraint("json_schema", ARIA_SCHEMA)
+    seen = {}
+    for jump in (False, True):
+        options = EngineOptions(max_batch_size=4, threads=2, jump_forward=jump)
+        for model in (untrained, sft_gguf):
+            eng = LlamaCppEngine(str(model), options=options)
+            eng.start()
+            try:
+                if model == untrained:
+                    seen[jump] = (
+                        eng.generate_batch([one_way])[0].token_ids,
+                        eng.decode_steps,
+                        eng.forced_tokens,
+                    )
+                    continue
+                for r in eng.generate_batch(diagnoses):
+                    assert json.loads(r.text)["confiance"] in ARIA_SCHEMA["properties"]["confiance"]["enum"]
+                assert (eng.forced_tokens > 0) == jump
+            finally:
+                eng.close()
+    assert seen[True][0] == seen[False][0]
+    assert seen[False][2] == 0 and seen[True][2] >= 10
+    assert seen[True][1] < seen[False][1]  # fewer llama_decode calls for the same answer

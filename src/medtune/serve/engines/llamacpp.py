@@ -15,6 +15,8 @@ penalties, stop strings, streaming and logprobs as the transformers engine).
 Constrained decoding is xgrammar over llama.cpp's logits (the shared `medtune.serve.guided.Guide`), not
 llama.cpp's GBNF sampler: the same compiled grammar and the same compact JSON as the transformers
 engine, applied to a whole batch in one call (BENCHMARKS.md, export section, has the measurement).
+Jump-forward decoding as in the transformers engine: the tokens a row's grammar forces are fed in its
+next `llama_decode` with the token it chose (a batch takes several tokens per sequence).
 The Hugging Face tokenizer that xgrammar and incremental detokenisation need is rebuilt from the GGUF
 by transformers; prompts are tokenised by llama.cpp itself (the model's own tokenizer). LoRA adapters
 are not served per request here (llama.cpp applies an adapter to the whole context): fuse them first
@@ -37,7 +39,13 @@ import torch
 from medtune.errors import ConfigError, ModelError
 from medtune.serve.engines.base import EngineOptions, GenerationRequest
 from medtune.serve.engines.queued import QueuedEngine
-from medtune.serve.engines.sequence import Sequence, choose_tokens, common_prefix, only_stop_allowed
+from medtune.serve.engines.sequence import (
+    Sequence,
+    choose_tokens,
+    common_prefix,
+    merge_deltas,
+    only_stop_allowed,
+)
 from medtune.serve.errors import BadRequest, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
@@ -271,6 +279,7 @@ class LlamaCppEngine(QueuedEngine):
                        loop)  # fmt: skip
         if chat and self.turn_end_texts:
             seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
+        self._start_jumping(seq, supported=True)  # a row's forced tokens go in its step like a prompt's
         return seq
 
     # -- scheduler thread ----------------------------------------------------------------------------
@@ -305,7 +314,7 @@ class LlamaCppEngine(QueuedEngine):
             seq = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            prompt = seq.prompt_ids
+            prompt = seq.prefill_ids  # with the tokens forced before the first one sampled
             shared = {i: common_prefix(self._cached.get(i, []), prompt) for i in self._free_ids}
             best = max(self._free_ids, key=shared.__getitem__)
             self._free_ids.remove(best)
@@ -368,12 +377,12 @@ class LlamaCppEngine(QueuedEngine):
             seq = slot.seq
             if seq.cancelled:
                 continue
-            delta = seq.append(token, logprob)
+            # With jump-forward, the tokens the grammar forces next are fed with this one in the next step.
+            delta, forced = seq.take(token, logprob)
+            self._count_forced(len(forced))
             if not seq.finished and only_stop_allowed(self.guide, self._bitmask, row, seq, self.vocab):
-                done = seq.finish_completed()  # a complete constrained answer: no decode step needed
-                delta.text += done.text
-                delta.finish_reason = done.finish_reason
-            if delta is not None:
-                seq.deliver(delta)
+                # A complete constrained answer: no decode step needed.
+                delta = merge_deltas(delta, seq.finish_completed())
+            seq.deliver(delta)
             if not seq.finished:
-                slot.pending = [token]
+                slot.pending = [token, *forced]

@@ -41,12 +41,31 @@ class QueuedEngine(Engine):
         self._cond = threading.Condition()
         self._stopping = False
         self.reused_prompt_tokens = 0  # prompt tokens taken from a cache (prefix reuse) instead of computed
+        self.forced_tokens = 0  # tokens jump-forward decoding fed without a decoding step of their own
+        self._stats_lock = threading.Lock()  # counted from the event loop and the engine's threads
         # Each engine's own logger, so that --log-prompts lines name the engine that wrote them.
         self._log = logging.getLogger(type(self).__module__)
 
     @abstractmethod
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         """The request tokenised and checked, as a Sequence that delivers to `loop`."""
+
+    def _start_jumping(self, seq: Sequence, supported: bool) -> None:
+        """Jump-forward decoding for `seq` (`Sequence.forced_tokens`) when the engine can feed several
+        tokens to a row (`supported`), the options allow it and the request wants no log-probabilities
+        (forced tokens have none); the tokens forced at the very start are then accepted now, to be fed
+        with the prompt. Call once the sequence's stop strings are final."""
+        sampling = seq.sampling
+        seq.jump_forward = (
+            supported and self.options.jump_forward and not (sampling.logprobs or sampling.top_logprobs)
+        )
+        if seq.jump_forward:
+            self._count_forced(seq.force_start())
+
+    def _count_forced(self, n: int) -> None:
+        if n:
+            with self._stats_lock:
+                self.forced_tokens += n
 
     @property
     def queue_depth(self) -> int:

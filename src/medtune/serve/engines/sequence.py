@@ -112,6 +112,21 @@ class Sequence:
         text, self._sent = self._text[self._sent : ready], max(self._sent, ready)
         return self._delta(text, [token], logprob)
 
+    def take(self, token: int, logprob: TokenLogprob | None) -> tuple[StreamDelta, list[int]]:
+        """Append the chosen token and, with jump-forward decoding, the tokens the grammar then forces;
+        return the delta to deliver (with the text forced before the prefill, the first time) and the
+        forced tokens appended (their keys and values are not in the cache yet)."""
+        delta = merge_deltas(self.carry, self.append(token, logprob))
+        self.carry = None
+        forced = [] if self.finished else self.forced_tokens()
+        taken = []
+        for f in forced:
+            delta = merge_deltas(delta, self.append(f, None))
+            taken.append(f)
+            if self.finished:
+                break
+        return delta, taken
+
     def forced_tokens(self) -> list[int]:
         """The tokens the grammar forces next (jump-forward decoding), as the tokenizer would write them.
 

@@ -112,8 +112,6 @@ class TransformersEngine(QueuedEngine):
         self._prefixes: dict[str | None, Prefix] = {}
         self._prefix_ok = False  # set at start: plain attention layers only (`plain_layers`)
         self._graphs: ForwardGraphs | None = None  # traced forward passes (no adapter loaded)
-        self.forced_tokens = 0  # tokens jump-forward decoding fed without a decoding step of their own
-        self._stats_lock = threading.Lock()  # counted from the event loop, prefill and decoding threads
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -294,15 +292,10 @@ class TransformersEngine(QueuedEngine):
         matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
         eos = self.eos_ids | self.turn_end_ids if chat else self.eos_ids
         seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos, loop)
-        sampling = req.sampling
-        # Jump-forward needs a batch that takes several tokens per row (a RaggedBatch with SDPA's 4-D masks)
-        # and no log-probabilities (forced tokens have none).
-        seq.jump_forward = (self.options.jump_forward and getattr(self._batch, "mask_4d", False)
-                            and not (sampling.logprobs or sampling.top_logprobs))  # fmt: skip
         if chat and self.turn_end_texts:
             seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
-        if seq.jump_forward:
-            self._count_forced(seq.force_start())
+        # Several tokens per row: a RaggedBatch with SDPA's 4-D masks (`RaggedBatch.extend_inputs`).
+        self._start_jumping(seq, supported=getattr(self._batch, "mask_4d", False))
         return seq
 
     # -- scheduler thread ----------------------------------------------------------------------------
@@ -495,11 +488,6 @@ class TransformersEngine(QueuedEngine):
             batch.extended(rows, counts, self._step(seqs, logits, self._bitmask))  # may force more
         return batch.drop_finished()
 
-    def _count_forced(self, n: int) -> None:
-        if n:
-            with self._stats_lock:
-                self.forced_tokens += n
-
     def _step(self, seqs: list[Sequence], logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         """Choose, record and deliver each row's next token; return the tokens (the next inputs).
 
@@ -510,16 +498,8 @@ class TransformersEngine(QueuedEngine):
         for i, (seq, (token, logprob)) in enumerate(zip(seqs, chosen, strict=True)):
             if seq.cancelled:
                 continue
-            delta = merge_deltas(seq.carry, seq.append(token, logprob))
-            seq.carry = None
-            forced = [] if seq.finished else seq.forced_tokens()
-            accepted = 0
-            for f in forced:
-                delta = merge_deltas(delta, seq.append(f, None))
-                accepted += 1
-                if seq.finished:
-                    break
-            self._count_forced(accepted)
+            delta, forced = seq.take(token, logprob)
+            self._count_forced(len(forced))
             if forced and not seq.finished:
                 seq.pending = [token, *forced]  # `_extend` feeds them and chooses the next input
             if not seq.finished and only_stop_allowed(self.guide, bitmask, i, seq, self.vocab):
