@@ -3,6 +3,7 @@
     python bench/serve_bench.py --run runs/aria            # what `make bench-serve` runs
     python bench/serve_bench.py --run runs/aria --write    # also rewrite BENCHMARKS.md's serving section
     python bench/serve_bench.py --run runs/aria --serve-arg=--no-jump-forward   # the server without it
+    python bench/serve_bench.py --model aria-q8_0.gguf --http-only              # HTTP numbers only, any model
 
 The model is the run's newest merged stage (runs/aria/dpo after `make demo`); without a trained run
 an untrained embedded "small" model is built and the report says so. Each of `--repeats` rounds:
@@ -333,8 +334,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the report gives medians")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG to `medtune serve` (repeatable; e.g. --serve-arg=--no-jump-forward)")  # fmt: skip
+    parser.add_argument("--http-only", action="store_true",
+                        help="only the HTTP measurements (any model `medtune serve` takes, a .gguf file too)")  # fmt: skip
     parser.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's serving section")
     args = parser.parse_args()
+    if args.http_only and args.write:
+        parser.error("--write needs the whole measurement: drop --http-only")
     if args.model:
         model, desc = Path(args.model), args.describe or f"`{args.model}`"
     else:
@@ -346,11 +351,18 @@ def main() -> int:
             seq = asyncio.run(measure_http(url, records, clients=1))
             par = asyncio.run(measure_http(url, records, clients=8))
             prompt_only = asyncio.run(measure_http(url, records[:30], clients=1, max_tokens=1))
-        over = measure_overhead(model, records[: args.overhead_prompts])
-        steps = measure_steps(model, records)
         rounds.append({"p50": seq["p50"], "p99": seq["p99"], "rps1": seq["rps"], "rps8": par["rps"],
-                       "tokens": seq["tokens"], "prompt_p50": prompt_only["p50"], **over, **steps})  # fmt: skip
+                       "tokens": seq["tokens"], "prompt_p50": prompt_only["p50"]})  # fmt: skip
+        if not args.http_only:
+            rounds[-1].update(measure_overhead(model, records[: args.overhead_prompts]))
+            rounds[-1].update(measure_steps(model, records))
         print(f"round {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in rounds[-1].items()), flush=True)
+    if args.http_only:
+        med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        ratio = statistics.median(r["rps8"] / r["rps1"] for r in rounds)
+        print(f"medians of {len(rounds)} rounds: P50 {med['p50']:.3f} s, P99 {med['p99']:.3f} s, sequential "
+              f"{med['rps1']:.2f} req/s, 8 clients {med['rps8']:.2f} req/s ({ratio:.2f}x)")  # fmt: skip
+        return 0
     source = f"--model {args.model}" if args.model else f"--run {args.run}"
     command = f"python bench/serve_bench.py {source} --requests {args.requests} --repeats {args.repeats}"
     command += "".join(f" --serve-arg={a}" for a in args.serve_arg)
