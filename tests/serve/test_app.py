@@ -276,6 +276,20 @@ def test_metrics_count_requests_by_status(live_server):
         assert name in text
 
 
+def test_metrics_count_cached_prompt_tokens_and_forced_tokens(live_server):
+    """Two diagnoses share the system prompt (its cache is reused) and their JSON keys are forced."""
+    cached = _metric(live_server, "medtune_prompt_tokens_cached_total")
+    forced = _metric(live_server, "medtune_forced_tokens_total")
+    client = live_server.client()
+    for record in ARIA.generate_inputs(2, seed=4):
+        client.chat.completions.create(model="aria-ft", messages=ARIA.messages(record), temperature=0,
+                                       max_tokens=ARIA.max_tokens, response_format=ARIA.response_format())  # fmt: skip
+    assert (
+        _metric(live_server, "medtune_prompt_tokens_cached_total") - cached >= 20
+    )  # the system prompt at least
+    assert _metric(live_server, "medtune_forced_tokens_total") - forced >= 2 * 3  # '{"pathologie": ' at least
+
+
 def test_n_choices_logprobs_and_seeds(live_server):
     client = live_server.client()
     messages = _user("Mesures du coureur : longueur_foulée = 1.5. Diagnostic ?")
