@@ -54,8 +54,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         queue_depth=lambda: engine.queue_depth,
         running=lambda: engine.running,
         loaded=lambda: float(bool(engine.health().get("loaded"))),
-        cached_tokens=lambda: float(getattr(engine, "reused_prompt_tokens", 0)),
-        forced_tokens=lambda: float(getattr(engine, "forced_tokens", 0)),
+        cached_tokens=lambda: engine.reused_prompt_tokens,
+        forced_tokens=lambda: engine.forced_tokens,
     )
 
     @asynccontextmanager

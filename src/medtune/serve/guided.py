@@ -217,7 +217,7 @@ class Guide:
             batcher = self._batchers.matcher = xgr.BatchGrammarMatcher(max_threads=1)
         rows = [row for row, _ in matchers]
         batcher.batch_fill_next_token_bitmask([m for _, m in matchers], bitmask, indices=rows)
-        json_rows = [row for row, m in matchers if getattr(m, "json", False)]
+        json_rows = [row for row, m in matchers if m.json]
         if json_rows and json_rows == list(range(len(json_rows))) and len(json_rows) == len(rows):
             bitmask[: len(rows)] &= self._json_keep  # the usual batch: every row a JSON answer, one call
             return

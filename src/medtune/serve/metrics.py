@@ -50,8 +50,8 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float],
-                 loaded: Callable[[], float], cached_tokens: Callable[[], float] = lambda: 0.0,
-                 forced_tokens: Callable[[], float] = lambda: 0.0) -> None:  # fmt: skip
+                 loaded: Callable[[], float], cached_tokens: Callable[[], float],
+                 forced_tokens: Callable[[], float]) -> None:  # fmt: skip
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         r = self.registry

@@ -62,7 +62,7 @@ class EngineOptions:
     prefix_caching: bool = True  # reuse the cache of a prompt's start shared with the previous prompt
     overlap_prefill: bool = True  # CPU: prefill on a second thread while decoding (when cores allow two)
     enforce_eager: bool = False  # transformers: no traced forward passes (graphs.py), eager ones only
-    jump_forward: bool = True  # transformers: grammar-forced tokens are fed, not decoded one by one
+    jump_forward: bool = True  # transformers, llamacpp: grammar-forced tokens are fed, not decoded one by one
 
 
 @dataclass
@@ -182,6 +182,8 @@ class Engine(ABC):
 
     name: ClassVar[str]
     tokenizer: Any = None  # a Hugging Face tokenizer when the engine has one (used by `render`)
+    reused_prompt_tokens: int = 0  # prompt tokens taken from a cache instead of computed (for /metrics)
+    forced_tokens: int = 0  # tokens a constraint forced, fed without a decoding step (for /metrics)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

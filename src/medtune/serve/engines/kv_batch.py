@@ -296,11 +296,12 @@ class RaggedBatch:
         width = max(len(t) for t in tokens)
         lengths = self.lengths[rows]
         columns = lengths[:, None] + torch.arange(width)[None, :]
-        self._reserve(len(self.rows), int(columns.max()) + 1, [layer.buffers for layer in self.cache.layers])
+        end = int(columns.max()) + 1  # columns the pass attends to
+        self._reserve(len(self.rows), end, [layer.buffers for layer in self.cache.layers])
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
-        mask = torch.arange(int(columns.max()) + 1)[None, None, :] <= columns[:, :, None]
+        mask = torch.arange(end)[None, None, :] <= columns[:, :, None]
         device = self.cache.layers[0].device
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
         last = torch.tensor([len(t) - 1 for t in tokens], dtype=torch.long, device=device)

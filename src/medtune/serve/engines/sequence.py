@@ -118,11 +118,15 @@ class Sequence:
         forced tokens appended (their keys and values are not in the cache yet)."""
         delta = merge_deltas(self.carry, self.append(token, logprob))
         self.carry = None
-        forced = [] if self.finished else self.forced_tokens()
+        return self._append_forced([] if self.finished else self.forced_tokens(), delta)
+
+    def _append_forced(self, tokens: list[int], delta: StreamDelta | None) -> tuple[StreamDelta, list[int]]:
+        """Append forced `tokens` (until the answer ends), their text merged into `delta`; return it and
+        the tokens appended."""
         taken = []
-        for f in forced:
-            delta = merge_deltas(delta, self.append(f, None))
-            taken.append(f)
+        for token in tokens:
+            delta = merge_deltas(delta, self.append(token, None))
+            taken.append(token)
             if self.finished:
                 break
         return delta, taken
@@ -170,9 +174,8 @@ class Sequence:
         text = self._decode(forced, skip_special_tokens=True)
         if any(stop in text for stop in self.stops):
             return 0
-        for token in forced:
-            self.carry = merge_deltas(self.carry, self.append(token, None))
-        return len(forced)
+        self.carry, taken = self._append_forced(forced, self.carry)
+        return len(taken)
 
     def _detokenize(self, final: bool) -> None:
         """Append the text the new tokens complete (all of it when `final`)."""

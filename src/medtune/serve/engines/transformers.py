@@ -80,6 +80,13 @@ class Prefilled(NamedTuple):
     tokens: torch.Tensor
 
 
+def _on_host(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as sampling takes them: float32, on the CPU."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    return logits if logits.device.type == "cpu" else logits.cpu()
+
+
 def _cores() -> int:
     """CPU cores this process may run on."""
     try:
@@ -407,20 +414,23 @@ class TransformersEngine(QueuedEngine):
             else:
                 logits = self._graphs.decode(ids, mask, pos, self._batch)
         else:
-            with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
-                out = self.adapters.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=pos,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
-                )
-            logits = out.logits[:, -1, :]
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        return logits if logits.device.type == "cpu" else logits.cpu()
+            logits = self._eager(ids, mask, pos, cache, seqs, logits_to_keep=1)[:, -1, :]
+        return _on_host(logits)
+
+    def _eager(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
+               seqs: list[Sequence], logits_to_keep: int) -> torch.Tensor:  # fmt: skip
+        """The model's logits, run eagerly, each row through its own adapter (PEFT's per-row hooks: one
+        forward pass at a time while adapters are loaded)."""
+        with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
+            return self.adapters.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **self.adapters.forward_kwargs([s.req.adapter for s in seqs]),
+            ).logits
 
     def _prefill(self, seqs: list[Sequence], bitmask: torch.Tensor) -> None:
         gone = [s for s in seqs if s.req.adapter is not None and s.req.adapter not in self.adapters.paths]
@@ -473,19 +483,14 @@ class TransformersEngine(QueuedEngine):
             ids, mask, columns, at, last = batch.extend_inputs(rows, [s.pending for s in seqs], self.pad_id)
             if self._graphs is not None and not self.adapters.paths:
                 logits = self._graphs.extend(ids, mask, columns, at, last, batch)
-            else:  # eagerly, each row through its own adapter
+            else:
                 width = mask.shape[-1]
                 cache = RaggedBatch.cache_over(batch.stores, batch.layout, at, columns, width, several=True)
-                adapters = self.adapters.forward_kwargs([s.req.adapter for s in seqs])
-                with self._forward_lock if self.adapters.paths else contextlib.nullcontext():
-                    out = self.adapters.model(input_ids=ids, attention_mask=mask, position_ids=columns,
-                                              cache=cache, use_cache=True, **adapters)  # fmt: skip
-                logits = last_logits(out.logits, last)
+                logits = last_logits(self._eager(ids, mask, columns, cache, seqs, logits_to_keep=0), last)
             counts = [len(s.pending) for s in seqs]
             for seq in seqs:
                 seq.pending = []
-            logits = logits.float() if logits.device.type == "cpu" else logits.float().cpu()
-            batch.extended(rows, counts, self._step(seqs, logits, self._bitmask))  # may force more
+            batch.extended(rows, counts, self._step(seqs, _on_host(logits), self._bitmask))  # may force more
         return batch.drop_finished()
 
     def _step(self, seqs: list[Sequence], logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
