@@ -210,6 +210,10 @@ def test_adapters_load_and_unload_at_run_time(live_server, lora_adapters):
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": {
             "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}}, None, ["'not'"]),
         ({"extra_body_regex": True}, "guided_regex", ["Lookbehind"]),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": {
+            "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}}, None,
+         ["'$ref'", "example.com"]),
+        ({"seed": 2**70}, "seed", ["seed"]),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_400_naming_the_problem(live_server, extra, param, words):
@@ -227,6 +231,15 @@ def test_bad_requests_get_a_400_naming_the_problem(live_server, extra, param, wo
         assert error["param"] and error["param"].startswith(param)
     for word in words:
         assert word in error["message"]
+
+
+def test_a_body_that_is_not_json_is_a_400_saying_where(live_server):
+    r = httpx.post(f"{live_server.base_url}/v1/chat/completions", content=b'{"model": "aria-ft",, "n": 1}',
+                   headers={**live_server.headers(), "content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    # The second comma, counted from 0 as Python's json module counts.
+    assert "not valid JSON" in message and "character 20" in message
 
 
 def test_prompt_longer_than_the_context_is_a_400(live_server):

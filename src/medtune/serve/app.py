@@ -80,6 +80,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+                where = err.get("loc", ("body", "?"))[-1]
+                reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+                message = f"the request body is not valid JSON: {reason} (at character {where})"
+                return _error(BadRequest(message, param=None))
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
         first = [str(p) for p in exc.errors()[0].get("loc", ()) if p != "body"] if exc.errors() else []

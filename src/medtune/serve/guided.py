@@ -10,8 +10,11 @@ also how the task packs write their reference answers, with no free whitespace b
 "whitespace runaway") and non-ASCII text as plain UTF-8 (xgrammar keeps enum values as given, so
 "élevée" can only come out as "élevée", never as "\\u00e9lev\\u00e9e").
 
-xgrammar silently ignores a few JSON-schema keywords (the output would not be guaranteed to match);
-requests using them are refused with a 400 naming the keyword instead of being served unchecked.
+xgrammar silently ignores a few JSON-schema keywords, reads `oneOf` as `anyOf`, and lets a `$ref` it
+cannot resolve inside the schema match anything (the output would not be guaranteed to match); requests
+using them are refused with a 400 naming the keyword instead of being served unchecked. A `oneOf` whose
+branches cannot overlap (distinct types, or a property every branch requires with distinct `const` / `enum`
+values: pydantic's discriminated unions) is served: there "any of" and "exactly one of" are the same.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from medtune.serve.errors import BadRequest
 
 log = logging.getLogger(__name__)
 
-# Keywords xgrammar 0.2 accepts but does not enforce (checked against its matcher).
-UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems")
+# Keywords xgrammar 0.2 accepts but does not enforce (checked against its matcher; `dependencies` is
+# draft 7's spelling of dependentRequired / dependentSchemas).
+UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+                        "uniqueItems", "contains", "minContains", "maxContains", "$dynamicRef", "$recursiveRef")  # fmt: skip
 # Where sub-schemas live, to walk the whole schema.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -49,12 +54,30 @@ def check_schema(schema: Any, where: str = "response_format.json_schema.schema")
         path = ".".join(str(p) for p in exc.path)
         at = f"{where}.{path}" if path else where
         raise BadRequest(f"{at}: invalid JSON schema: {exc.message}", param=where) from None
-    _walk(schema, where)
+    _walk(schema, where, schema)
 
 
-def _walk(node: Any, where: str) -> None:
+def _walk(node: Any, where: str, root: dict) -> None:
     if not isinstance(node, dict):
         return
+    ref = node.get("$ref")
+    if ref is not None and not (ref == "#" or str(ref).startswith("#/")):
+        raise BadRequest(
+            f"{where}: '$ref' {ref!r} is not supported by constrained decoding: only references inside the "
+            "schema ('#/$defs/...') are; put the referenced schema under $defs",
+            param=where,
+        )
+    branches = node.get("oneOf")
+    if isinstance(branches, list) and len(branches) > 1:
+        for i, a in enumerate(branches):
+            for j in range(i + 1, len(branches)):
+                if not _exclusive(a, branches[j], root):
+                    raise BadRequest(
+                        f"{where}: JSON-schema keyword 'oneOf' is enforced as 'anyOf' by constrained decoding, "
+                        f"and an answer could match both oneOf[{i}] and oneOf[{j}]; use anyOf, or give the "
+                        "branches different types or a required property with different const/enum values",
+                        param=where,
+                    )
     for key in UNSUPPORTED_KEYWORDS:
         if key in node and not (key == "uniqueItems" and node[key] is False):
             raise BadRequest(
@@ -71,13 +94,66 @@ def _walk(node: Any, where: str) -> None:
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
             for name, sub in node[key].items():
-                _walk(sub, f"{where}.{key}.{name}")
+                _walk(sub, f"{where}.{key}.{name}", root)
     for key in _SCHEMA_LISTS:
         if isinstance(node.get(key), list):
             for i, sub in enumerate(node[key]):
-                _walk(sub, f"{where}.{key}[{i}]")
+                _walk(sub, f"{where}.{key}[{i}]", root)
     for key in _SCHEMA_VALUES:
-        _walk(node.get(key), f"{where}.{key}")
+        _walk(node.get(key), f"{where}.{key}", root)
+
+
+def _resolve(node: Any, root: dict) -> Any:
+    """`node`, or what its local `$ref` chain ('#/a/b') points to in `root` (as is when it does not
+    resolve: compiling the grammar reports that)."""
+    for _ in range(32):
+        ref = node.get("$ref") if isinstance(node, dict) else None
+        if not (isinstance(ref, str) and ref.startswith("#")):
+            return node
+        target: Any = root
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                return node
+            target = target[part]
+        node = target
+    return node
+
+
+def _exclusive(a: Any, b: Any, root: dict) -> bool:
+    """True when no JSON value can match both sub-schemas, by two checks: different types (an integer is
+    a number), or a property both require whose `const` / `enum` values differ."""
+    a, b = _resolve(a, root), _resolve(b, root)
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    types_a, types_b = _types(a), _types(b)
+    if types_a and types_b and not types_a & types_b:
+        return True
+    for name in set(a.get("required") or []) & set(b.get("required") or []):
+        values_a, values_b = _values(a, name, root), _values(b, name, root)
+        if values_a is not None and values_b is not None and not values_a & values_b:
+            return True
+    return False
+
+
+def _types(schema: dict) -> set[str]:
+    declared = schema.get("type")
+    types = {declared} if isinstance(declared, str) else set(declared or [])
+    return types | {"number"} if "integer" in types else types
+
+
+def _values(schema: dict, name: str, root: dict) -> set[str] | None:
+    """The values property `name` may take under `schema` (as canonical JSON), or None when not listed."""
+    prop = _resolve((schema.get("properties") or {}).get(name), root)
+    if not isinstance(prop, dict):
+        return None
+    listed = [prop["const"]] if "const" in prop else prop.get("enum")
+    if not isinstance(listed, list):
+        return None
+    # 1 and 1.0 are the same JSON value; true and 1 are not.
+    return {
+        json.dumps(int(v) if isinstance(v, float) and v.is_integer() else v, sort_keys=True) for v in listed
+    }
 
 
 def marker_ids(tokenizer: Any) -> set[int]:
