@@ -214,6 +214,10 @@ def test_adapters_load_and_unload_at_run_time(live_server, lora_adapters):
             "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}}, None,
          ["'$ref'", "example.com"]),
         ({"seed": 2**70}, "seed", ["seed"]),
+        ({"logit_bias": {"99999": 5}}, "logit_bias", ["99999", "vocabulary"]),
+        ({"logit_bias": {"a": 5}}, "logit_bias", ["token ids"]),
+        ({"logit_bias": {"5": 150}}, "logit_bias", ["-100 and 100"]),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", ["function calling", "none"]),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_400_naming_the_problem(live_server, extra, param, words):
@@ -327,6 +331,31 @@ def test_n_choices_logprobs_and_seeds(live_server):
     ]
     assert sampled[0] == sampled[1]  # same seed, same answer
     assert len(set(sampled)) > 1  # other seeds explore
+
+
+def test_logit_bias_pushes_and_bans_tokens(live_server, served_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served_model_dir)
+    a, b = tokenizer.convert_tokens_to_ids(["<0x61>", "<0x62>"])  # the byte tokens of "a" and "b"
+    client = live_server.client()
+    ask = dict(model="aria-ft", messages=_user("Bonjour"), max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    pushed = client.chat.completions.create(**ask, logit_bias={str(b): 100}).choices[0].message.content
+    assert plain != "b" * 6 and pushed == "b" * 6
+    # Every token banned but two: sampled answers hold nothing else, whatever the model prefers.
+    banned = {str(t): -100 for t in range(len(tokenizer)) if t not in (a, b)}
+    for seed in range(3):
+        answer = client.chat.completions.create(**{**ask, "temperature": 1.0}, logit_bias=banned, seed=seed)
+        text = answer.choices[0].message.content
+        assert len(text) == 6 and set(text) <= {"a", "b"}, text
+        assert answer.choices[0].finish_reason == "length"  # the end-of-turn token was banned too
+    # Tools the client lets go unused are ignored.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert (
+        client.chat.completions.create(**ask, tools=tools, tool_choice="none").choices[0].message.content
+        == plain
+    )
 
 
 def test_stop_strings_cut_the_answer_before_them(live_server):

@@ -399,6 +399,16 @@ def test_no_jump_forward_for_requests_that_want_logprobs(engine):
     assert len(r.logprobs) == r.completion_tokens  # every token decoded, each with its log-probability
 
 
+def test_no_jump_forward_for_requests_with_a_logit_bias(engine):
+    """A forced token is not chosen from logits, so a bias could not act on it: such requests decode every
+    token (the bias still cannot break the schema)."""
+    req = _diagnoses(1, logit_bias={engine.tokenizer.convert_tokens_to_ids("<0x61>"): 5.0})[0]
+    before = engine.forced_tokens
+    r = engine.generate_batch([req])[0]
+    assert engine.forced_tokens == before
+    json.loads(r.text)
+
+
 def test_penalties_count_the_tokens_forced_before_the_prefill(engine):
     """A frequency penalty sees the forced opening tokens too (they are part of the answer)."""
     req = _diagnoses(1, frequency_penalty=2.0, presence_penalty=1.0)[0]

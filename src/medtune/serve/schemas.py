@@ -25,6 +25,7 @@ from medtune.serve.errors import BadRequest
 
 MAX_N = 8  # choices per request: each one costs a batch row
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
 
 
 class _Body(BaseModel):
@@ -86,6 +87,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> -100..100
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -103,6 +105,18 @@ class _Sampling(_Body):
             raise ValueError(f"at most {MAX_STOP} stop strings, found {len(stops)}")
         return [s for s in stops if s]
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if len(v or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, found {len(v)}")
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers), found {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"token {key}: a bias is between -100 and 100, found {bias}")
+        return v
+
     def sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -114,6 +128,7 @@ class _Sampling(_Body):
             frequency_penalty=self.frequency_penalty,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
         )
 
     def guided_constraint(self) -> Constraint | None:
@@ -132,6 +147,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # Function calling is not served: refused unless the client says the tools may go unused.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # the legacy spelling
 
     def constraint(self) -> Constraint | None:
         guided = self.guided_constraint()
@@ -151,6 +170,12 @@ class ChatCompletionRequest(_Sampling):
         return Constraint("json_schema", rf.json_schema.schema_)
 
     def to_sampling(self) -> SamplingParams:
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            raise BadRequest(
+                "tools: function calling is not supported by this server (answers are text or JSON from "
+                'response_format); send tool_choice "none" to have the tools ignored',
+                param="tools" if self.tools else "functions",
+            )
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -20,7 +20,8 @@ Contract for engine writers (a new engine is one module in `medtune/serve/engine
   `sampling.n` is always 1 when an engine sees it: the app fans `n > 1` out into n requests.
 - Invalid requests raise `medtune.serve.errors` exceptions *before the first delta is yielded*
   (the app awaits the first delta before sending HTTP headers): `BadRequest` for a prompt longer than
-  the context, `max_tokens` above what the context leaves (`check_lengths` does both), an unsupported
+  the context, `max_tokens` above what the context leaves (`check_lengths` does both), a `logit_bias`
+  token id outside the vocabulary (`check_logit_bias`), an unsupported
   constraint (name the JSON-schema keyword), an unknown adapter; `QueueFull` when the bounded queue is
   full. The app enforces the per-request timeout by cancelling the stream; engines must free the
   request's slot when their async generator is closed early (`GeneratorExit` / cancellation).
@@ -78,6 +79,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     n: int = 1
 
     @property
@@ -241,6 +243,15 @@ class Engine(ABC):
                 code="context_length_exceeded",
             )
         return max_tokens
+
+    def check_logit_bias(self, sampling: SamplingParams, vocab: int) -> None:
+        """Raise BadRequest if `logit_bias` names a token id outside the model's `vocab` ids."""
+        outside = sorted(t for t in sampling.logit_bias if not 0 <= t < vocab)
+        if outside:
+            raise BadRequest(
+                f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to {vocab - 1})",
+                param="logit_bias",
+            )
 
     # -- generation ----------------------------------------------------------------------------------
 

@@ -274,6 +274,7 @@ class LlamaCppEngine(QueuedEngine):
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
         budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
+        self.check_logit_bias(req.sampling, self.vocab)
         matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
         seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, self.eog_ids if chat else self.eos_ids,
                        loop)  # fmt: skip

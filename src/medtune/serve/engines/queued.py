@@ -53,11 +53,14 @@ class QueuedEngine(Engine):
     def _start_jumping(self, seq: Sequence, supported: bool) -> None:
         """Jump-forward decoding for `seq` (`Sequence.forced_tokens`) when the engine can feed several
         tokens to a row (`supported`), the options allow it and the request wants no log-probabilities
-        (forced tokens have none); the tokens forced at the very start are then accepted now, to be fed
-        with the prompt. Call once the sequence's stop strings are final."""
+        (forced tokens have none) and no `logit_bias` (forced tokens are not chosen from logits: a bias
+        against one could not apply); the tokens forced at the very start are then accepted now, to be
+        fed with the prompt. Call once the sequence's stop strings are final."""
         sampling = seq.sampling
         seq.jump_forward = (
-            supported and self.options.jump_forward and not (sampling.logprobs or sampling.top_logprobs)
+            supported
+            and self.options.jump_forward
+            and not (sampling.logprobs or sampling.top_logprobs or sampling.logit_bias)
         )
         if seq.jump_forward:
             self._count_forced(seq.force_start())

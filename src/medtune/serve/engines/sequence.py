@@ -72,6 +72,10 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed)
         penalised = self.sampling.presence_penalty or self.sampling.frequency_penalty
         self.counts: torch.Tensor | None = None if not penalised else torch.zeros(0)
+        bias = self.sampling.logit_bias  # as the (ids, values) `choose_tokens` adds to the row's logits
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if bias:
+            self.bias = torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()))
 
     @property
     def finished(self) -> bool:
@@ -272,7 +276,7 @@ def choose_tokens(
     """Pick each row's next token from `logits` [rows, vocab] (float32, modified in place)."""
     want_logprobs = [s.sampling.logprobs or s.sampling.top_logprobs > 0 for s in seqs]
     raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-    # Repetition penalties (OpenAI semantics: over the generated tokens only).
+    # Repetition penalties (OpenAI semantics: over the generated tokens only), then logit_bias.
     for i, s in enumerate(seqs):
         if s.counts is not None:
             if s.counts.numel() == 0:  # the tokens so far (forced before the prefill) count too
@@ -281,6 +285,8 @@ def choose_tokens(
             logits[i] -= s.sampling.frequency_penalty * s.counts + s.sampling.presence_penalty * (
                 s.counts > 0
             )
+        if s.bias is not None:
+            logits[i].index_add_(0, *s.bias)
     greedy = [s.sampling.greedy for s in seqs]
     nucleus = [not greedy[i] and s.sampling.top_p < 1.0 for i, s in enumerate(seqs)]
     guided = (

@@ -296,6 +296,7 @@ class TransformersEngine(QueuedEngine):
         if not prompt_ids:
             raise BadRequest("the prompt is empty", param="prompt")
         budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
+        self.check_logit_bias(req.sampling, self.vocab)
         matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
         eos = self.eos_ids | self.turn_end_ids if chat else self.eos_ids
         seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos, loop)
