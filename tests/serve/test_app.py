@@ -237,13 +237,39 @@ def test_bad_requests_get_a_400_naming_the_problem(live_server, extra, param, wo
         assert word in error["message"]
 
 
-def test_a_body_that_is_not_json_is_a_400_saying_where(live_server):
-    r = httpx.post(f"{live_server.base_url}/v1/chat/completions", content=b'{"model": "aria-ft",, "n": 1}',
-                   headers={**live_server.headers(), "content-type": "application/json"}, timeout=30)  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "content_type", "words"),
+    [
+        # The second comma, counted from 0 as Python's json module counts.
+        (b'{"model": "aria-ft",, "n": 1}', "application/json", ["not valid JSON", "character 20"]),
+        (b'{"model": "aria-ft", "messages": [{"role": "user", "content": "\xff"}]}', "application/json", ["UTF-8"]),
+        (b'{"model": "aria-ft", "messages": [{"role": "user", "content": "a\\ud83d"}]}', "application/json",
+         ["messages[0].content", "surrogate"]),
+        (b'{"model": "aria-ft", "messages": [{"role": "user", "content": "a"}]}', "application/x-www-form-urlencoded",
+         ["Content-Type: application/json", "x-www-form-urlencoded"]),
+    ],
+    ids=["not JSON", "not UTF-8", "lone surrogate", "form content type"],
+)  # fmt: skip
+def test_an_unreadable_body_is_a_400_saying_why(live_server, body, content_type, words):
+    r = httpx.post(f"{live_server.base_url}/v1/chat/completions", content=body,
+                   headers={**live_server.headers(), "content-type": content_type}, timeout=30)  # fmt: skip
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
-    # The second comma, counted from 0 as Python's json module counts.
-    assert "not valid JSON" in message and "character 20" in message
+    for word in words:
+        assert word in message
+    assert live_server.client().models.list().data  # still serving
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"prompt": [1, 2, 3]}, "prompt"), ({"suffix": "fin"}, "suffix"), ({"best_of": 3}, "best_of")],
+)
+def test_text_completion_options_it_cannot_honour_are_a_400(live_server, extra, param):
+    body = {"model": "aria-ft", "prompt": "Bonjour", "max_tokens": 4, **extra}
+    r = httpx.post(
+        f"{live_server.base_url}/v1/completions", json=body, headers=live_server.headers(), timeout=30
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_prompt_longer_than_the_context_is_a_400(live_server):

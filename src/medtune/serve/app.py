@@ -48,6 +48,17 @@ def _error(exc: ServeError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _unreadable_body(request: Request, err: dict[str, Any]) -> str | None:
+    """What to tell the client when the body could not be read as JSON at all (None: it was)."""
+    if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+        return f"the request body is not valid JSON: {reason} (at character {err['loc'][-1]})"
+    kind = request.headers.get("content-type") or "none"
+    if tuple(err.get("loc", ())) == ("body",) and "json" not in kind:
+        return f"the request body must be a JSON object sent with Content-Type: application/json (got {kind})"
+    return None
+
+
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     """The app serving `engine` (started by the caller; closed when the app shuts down)."""
     metrics = ServerMetrics(
@@ -80,11 +91,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
-            if err.get("type") == "json_invalid":  # loc is ("body", character offset)
-                where = err.get("loc", ("body", "?"))[-1]
-                reason = (err.get("ctx") or {}).get("error", "invalid JSON")
-                message = f"the request body is not valid JSON: {reason} (at character {where})"
-                return _error(BadRequest(message, param=None))
+            if (unreadable := _unreadable_body(request, err)) is not None:
+                return _error(BadRequest(unreadable, param=None))
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
         first = [str(p) for p in exc.errors()[0].get("loc", ()) if p != "body"] if exc.errors() else []
@@ -92,7 +100,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        err = ServeError(str(exc.detail))
+        detail = str(exc.detail)
+        if detail == "There was an error parsing the body":  # FastAPI's words for bytes that are not UTF-8
+            detail = "the request body could not be read: JSON must be UTF-8 encoded text"
+        err = ServeError(detail)
         err.status, err.type = exc.status_code, "invalid_request_error"
         return _error(err)
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medtune.serve.engines.base import Constraint, GenerationResult, SamplingParams, TokenLogprob
 from medtune.serve.errors import BadRequest
@@ -77,6 +77,32 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON's "\\ud83d" escape alone
+    is valid JSON but no Unicode text: it cannot be encoded, tokenised or compiled), or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        key = str(key)
+        at = f"{where}{key}" if key.startswith("[") else f"{where}.{key}" if where else key
+        found = lone_surrogate(key, at) or lone_surrogate(item, at)
+        if found:
+            return found
+    return None
+
+
 class _Sampling(_Body):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -96,6 +122,14 @@ class _Sampling(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     structured_outputs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where} is not valid Unicode text (it holds a lone UTF-16 surrogate)")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -190,15 +224,25 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # token ids are parsed to be refused clearly
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         if not prompts:
             raise BadRequest("prompt: expected a string or a non-empty list of strings", param="prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise BadRequest(
+                "prompt: token-id prompts are not supported; send the prompt as text", param="prompt"
+            )
+        if self.suffix:
+            raise BadRequest("suffix (text insertion) is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadRequest("best_of is not supported (set n for several completions)", param="best_of")
         if len(prompts) * self.n > 4 * MAX_N:
             raise BadRequest(f"prompt: at most {4 * MAX_N} prompts x n per request", param="prompt")
         if self.echo:
