@@ -86,6 +86,7 @@ def test_bad_lines_are_reported_and_the_rest_answered(tmp_path: Path) -> None:
         (7, "'messages[0]'"),
         (10, "'temperature'"),
     ]
+    assert summary.bad[0].reason == "not valid JSON: Unterminated string starting at: column 11"
     assert "longer than the model's context" in summary.bad[2].reason
     results = {r["id"]: r for r in read_output(out)}
     assert set(results) == {"a", 7, "line-9"}

@@ -59,9 +59,9 @@ class Query:
 def parse_query(text: str, line: int, *, system: str | None, temperature: float, max_tokens: int) -> Query:
     """One input line -> Query; raises DataError saying what is wrong with it."""
     try:
-        record = json.loads(text)
+        record = json.loads(text.rstrip("\r\n"))  # the line's end is not part of it: columns stay on it
     except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise DataError(f"not valid JSON: {exc.msg}: column {exc.colno}") from None
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, found {type(record).__name__}")
     has_query, has_messages = "query" in record, "messages" in record
