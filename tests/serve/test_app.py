@@ -216,6 +216,7 @@ def test_adapters_load_and_unload_at_run_time(live_server, lora_adapters):
         ({"seed": 2**70}, "seed", ["seed"]),
         ({"logit_bias": {"99999": 5}}, "logit_bias", ["99999", "vocabulary"]),
         ({"logit_bias": {"a": 5}}, "logit_bias", ["token ids"]),
+        ({"logit_bias": {"²": 5}}, "logit_bias", ["token ids"]),  # a digit to str.isdigit, not to int()
         ({"logit_bias": {"5": 150}}, "logit_bias", ["-100 and 100"]),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", ["function calling", "none"]),
     ],

@@ -50,8 +50,11 @@ def _accepts(guide: Guide, constraint: Constraint, text: str) -> bool:
         ({"$defs": {"a": {"properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
                     "b": {"properties": {"k": {"enum": ["y", "z"]}}, "required": ["k"]}},
           "oneOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}, ["'oneOf'"]),
+        ({"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}, "required": ["k"]},
+                    {"type": "object", "properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, ["'oneOf'"]),
+        # Without "type": "object", a string matches both (required constrains objects only).
         ({"oneOf": [{"properties": {"k": {"const": 1}}, "required": ["k"]},
-                    {"properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, ["'oneOf'"]),
+                    {"properties": {"k": {"const": 2}}, "required": ["k"]}]}, ["'oneOf'"]),
     ],
 )  # fmt: skip
 def test_schemas_that_cannot_be_enforced_are_refused_naming_the_keyword(schema, words):

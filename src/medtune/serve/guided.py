@@ -122,13 +122,16 @@ def _resolve(node: Any, root: dict) -> Any:
 
 def _exclusive(a: Any, b: Any, root: dict) -> bool:
     """True when no JSON value can match both sub-schemas, by two checks: different types (an integer is
-    a number), or a property both require whose `const` / `enum` values differ."""
+    a number), or two objects (`required` says nothing of other values) with a property both require whose
+    `const` / `enum` values differ."""
     a, b = _resolve(a, root), _resolve(b, root)
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return False
     types_a, types_b = _types(a), _types(b)
     if types_a and types_b and not types_a & types_b:
         return True
+    if not types_a == types_b == {"object"}:
+        return False
     for name in set(a.get("required") or []) & set(b.get("required") or []):
         values_a, values_b = _values(a, name, root), _values(b, name, root)
         if values_a is not None and values_b is not None and not values_a & values_b:

@@ -145,7 +145,7 @@ class _Sampling(_Body):
         if len(v or {}) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, found {len(v)}")
         for key, bias in (v or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"keys are token ids (non-negative integers), found {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"token {key}: a bias is between -100 and 100, found {bias}")
@@ -205,10 +205,11 @@ class ChatCompletionRequest(_Sampling):
 
     def to_sampling(self) -> SamplingParams:
         if (self.tools or self.functions) and self.tool_choice != "none":
+            param = "tools" if self.tools else "functions"
             raise BadRequest(
-                "tools: function calling is not supported by this server (answers are text or JSON from "
-                'response_format); send tool_choice "none" to have the tools ignored',
-                param="tools" if self.tools else "functions",
+                f"{param}: function calling is not supported by this server (answers are text, or JSON "
+                'from response_format); send tool_choice "none" to have the tools ignored',
+                param=param,
             )
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
