@@ -271,17 +271,8 @@ class LlamaCppEngine(QueuedEngine):
         chat = req.prompt is None
         # Chat prompts carry what the template puts at the start; a plain prompt gets BOS like HF's.
         prompt_ids = self.encode(self.prompt_text(req), add_bos=self.add_bos and not chat)
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
-        self.check_logit_bias(req.sampling, self.vocab)
-        matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
-        seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, self.eog_ids if chat else self.eos_ids,
-                       loop)  # fmt: skip
-        if chat and self.turn_end_texts:
-            seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
-        self._start_jumping(seq, supported=True)  # a row's forced tokens go in its step like a prompt's
-        return seq
+        # Jump-forward: a row's forced tokens go in its next step, as a prompt's do.
+        return self._new_sequence(req, prompt_ids, self.eog_ids if chat else self.eos_ids, loop, True)
 
     # -- scheduler thread ----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from medtune.serve.engines.base import (
     collect,
 )
 from medtune.serve.engines.sequence import Sequence
-from medtune.serve.errors import QueueFull, ShuttingDown
+from medtune.serve.errors import BadRequest, QueueFull, ShuttingDown
 from medtune.serve.guided import Guide
 
 
@@ -37,6 +37,8 @@ class QueuedEngine(Engine):
     def __init__(self, options: EngineOptions | None) -> None:
         self.options = options or EngineOptions()
         self.guide: Guide | None = None
+        self.vocab = 0  # the model's logits width
+        self.turn_end_texts: list[str] = []  # what ends a chat turn, stop strings of chat requests
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -49,6 +51,23 @@ class QueuedEngine(Engine):
     @abstractmethod
     def _prepare(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> Sequence:
         """The request tokenised and checked, as a Sequence that delivers to `loop`."""
+
+    def _new_sequence(self, req: GenerationRequest, prompt_ids: list[int], eos_ids: set[int],
+                      loop: asyncio.AbstractEventLoop | None, jump_supported: bool) -> Sequence:  # fmt: skip
+        """`req`, its prompt tokenised, as a Sequence: the prompt, `max_tokens` and `logit_bias` checked
+        (serve errors), its constraint's matcher, the chat template's turn ends as stop strings (chat
+        requests), jump-forward decoding set up (`_start_jumping`). Engines set `vocab` and
+        `turn_end_texts` at start."""
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
+        self.check_logit_bias(req.sampling, self.vocab)
+        matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
+        seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos_ids, loop)
+        if req.prompt is None and self.turn_end_texts:
+            seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
+        self._start_jumping(seq, jump_supported)
+        return seq
 
     def _start_jumping(self, seq: Sequence, supported: bool) -> None:
         """Jump-forward decoding for `seq` (`Sequence.forced_tokens`) when the engine can feed several

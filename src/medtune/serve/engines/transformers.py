@@ -62,7 +62,7 @@ from medtune.serve.engines.sequence import (
     merge_deltas,
     only_stop_allowed,
 )
-from medtune.serve.errors import BadRequest, Conflict, ModelNotFound, ServeError, ShuttingDown
+from medtune.serve.errors import Conflict, ModelNotFound, ServeError, ShuttingDown
 from medtune.serve.guided import Guide
 
 log = logging.getLogger(__name__)
@@ -293,18 +293,9 @@ class TransformersEngine(QueuedEngine):
             raise ModelNotFound(f"no adapter named {req.adapter!r} is loaded", param="model")
         chat = req.prompt is None
         prompt_ids = self.encode(self.prompt_text(req), add_special_tokens=not chat)
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        budget = self.check_lengths(len(prompt_ids), req.sampling.max_tokens)
-        self.check_logit_bias(req.sampling, self.vocab)
-        matcher = self.guide.matcher(req.constraint) if req.constraint is not None else None
         eos = self.eos_ids | self.turn_end_ids if chat else self.eos_ids
-        seq = Sequence(req, prompt_ids, budget, matcher, self.tokenizer, eos, loop)
-        if chat and self.turn_end_texts:
-            seq.stops = list(dict.fromkeys([*seq.stops, *self.turn_end_texts]))
         # Several tokens per row: a RaggedBatch with SDPA's 4-D masks (`RaggedBatch.extend_inputs`).
-        self._start_jumping(seq, supported=getattr(self._batch, "mask_4d", False))
-        return seq
+        return self._new_sequence(req, prompt_ids, eos, loop, getattr(self._batch, "mask_4d", False))
 
     # -- scheduler thread ----------------------------------------------------------------------------
 
